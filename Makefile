@@ -1,0 +1,33 @@
+# gorp: two commands on a fresh machine: `make demo` and `make test`.
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install test demo lint bench clean
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# torch first, pinned: the CPU wheel on these machines (an unpinned torch pulls a multi-GB CUDA build)
+	$(BIN)/python -m pip install -q "torch==2.13.0"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: install
+	$(BIN)/python -m ruff check gorp pipelines tuning deploy tests benchmarks
+	$(BIN)/python -m pytest -q tests
+
+demo: install
+	$(BIN)/python examples/gorp_only.py
+
+lint: install
+	$(BIN)/python -m ruff check gorp pipelines tuning deploy tests benchmarks
+
+bench: install
+	$(BIN)/python benchmarks/optimizer_step.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

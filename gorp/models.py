@@ -1,0 +1,146 @@
+"""Load language models from local paths and resolve the modules each method trains.
+
+Only local folders are read (``from_pretrained`` on a path, ``local_files_only=True``); ``trust_remote_code`` is off
+unless the caller turns it on. Weights are safetensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+# Per architecture family: the LoRA targets (attention query/value) and the full-rank weights GORP trains.
+# Names are module-name suffixes matched at a '.' boundary.
+ARCH_TARGETS: dict[str, dict[str, tuple[str, ...]]] = {
+    "llama": {"lora": ("self_attn.q_proj", "self_attn.v_proj"), "full_rank": ("mlp.gate_proj",)},
+    "t5": {"lora": ("SelfAttention.q", "SelfAttention.v"), "full_rank": ("EncDecAttention.q", "EncDecAttention.v")},
+}
+# model_type -> family: LLaMA-style decoders share module names.
+FAMILIES = {
+    "llama": "llama",
+    "mistral": "llama",
+    "qwen2": "llama",
+    "qwen3": "llama",
+    "smollm3": "llama",
+    "t5": "t5",
+    "mt5": "t5",
+}
+
+
+@dataclass(frozen=True)
+class Targets:
+    """Module names (full dotted names in the model) that a method adapts."""
+
+    lora: tuple[str, ...]
+    full_rank: tuple[str, ...]
+    linear: tuple[str, ...] = field(default=())  # every nn.Linear inside the transformer blocks
+
+
+def family_of(model: nn.Module) -> str | None:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    return FAMILIES.get(model_type)
+
+
+def _match(names: list[str], suffix: str) -> list[str]:
+    return [n for n in names if n == suffix or n.endswith("." + suffix)]
+
+
+def resolve_targets(
+    model: nn.Module,
+    lora: tuple[str, ...] | list[str] | None = None,
+    full_rank: tuple[str, ...] | list[str] | None = None,
+) -> Targets:
+    """Full module names for the LoRA and full-rank targets; explicit suffixes override the architecture defaults.
+
+    Raises ValueError naming the suffix when a target matches no nn.Linear in the model.
+    """
+    linear_names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    fam = family_of(model)
+    defaults = ARCH_TARGETS.get(fam) if fam else None
+    if defaults is None and (lora is None or full_rank is None):
+        model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+        raise ValueError(
+            f"no default target modules for model type {model_type!r} (known: {sorted(FAMILIES)}); "
+            "name them explicitly (lora_targets / full_rank_targets)"
+        )
+    out = {}
+    for key, given in (("lora", lora), ("full_rank", full_rank)):
+        suffixes = tuple(given) if given is not None else defaults[key]
+        found: list[str] = []
+        for suffix in suffixes:
+            hits = _match(linear_names, suffix)
+            if not hits:
+                sample = ", ".join(linear_names[:6])
+                raise ValueError(
+                    f"target module {suffix!r} ({key}) matches no nn.Linear in the model; linear modules look like: "
+                    f"{sample}, ..."
+                )
+            found += hits
+        out[key] = tuple(sorted(set(found), key=linear_names.index))
+    blocks = tuple(n for n in linear_names if ".layers." in n or ".block." in n)
+    return Targets(lora=out["lora"], full_rank=out["full_rank"], linear=blocks)
+
+
+def load_model(
+    path: str | Path,
+    *,
+    dtype: torch.dtype = torch.float32,
+    trust_remote_code: bool = False,
+):
+    """(model, tokenizer) from a local folder; a causal LM, or a seq2seq model when the config says encoder-decoder."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"model folder {str(path)!r} does not exist (models load from local paths only)")
+    kw = {"local_files_only": True, "trust_remote_code": trust_remote_code}
+    config = AutoConfig.from_pretrained(path, **kw)
+    auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
+    model = auto.from_pretrained(path, dtype=dtype, **kw)
+    tokenizer = AutoTokenizer.from_pretrained(path, **kw)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def tiny_llama(
+    seed: int = 0, *, vocab_size: int = 128, hidden: int = 32, layers: int = 2, heads: int = 4, intermediate: int = 64
+) -> nn.Module:
+    """A small randomly initialized LLaMA-config causal LM (for tests and benchmarks)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        attn_implementation="eager",
+    )
+    return LlamaForCausalLM(cfg).float()
+
+
+def tiny_t5(seed: int = 0, *, vocab_size: int = 128, d_model: int = 32, layers: int = 2, heads: int = 4) -> nn.Module:
+    """A small randomly initialized T5 (seq2seq) model."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    cfg = T5Config(
+        vocab_size=vocab_size,
+        d_model=d_model,
+        d_kv=d_model // heads,
+        d_ff=2 * d_model,
+        num_layers=layers,
+        num_heads=heads,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+        eos_token_id=1,
+    )
+    return T5ForConditionalGeneration(cfg).float()

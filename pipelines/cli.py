@@ -1,0 +1,3 @@
+import typer
+
+app = typer.Typer(help="gorp: continual fine-tuning with GORP")
