@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from gorp.projector import canonical_signs
+
 # A new direction whose residual after removing the stored basis is below this norm is already (numerically) stored.
 _RESIDUAL_TOL = 1e-3
 
@@ -29,7 +31,7 @@ def leading_directions(m: torch.Tensor, threshold: float) -> torch.Tensor:
         return m.new_zeros((m.shape[0], 0), dtype=torch.float32)
     cum = torch.cumsum(energy, 0) / total
     k = int(torch.searchsorted(cum, torch.tensor(threshold, dtype=cum.dtype) - 1e-12).item()) + 1
-    return u[:, : min(k, u.shape[1])].to(torch.float32)
+    return canonical_signs(u[:, : min(k, u.shape[1])]).to(torch.float32)
 
 
 def append_orthonormal(basis: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:
@@ -74,7 +76,9 @@ class TaskMemory:
     def save(self, path: str | Path) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in self.bases.items()}, str(path), metadata={"threshold": str(self.threshold)})
+        save_file(
+            {k: v.contiguous() for k, v in self.bases.items()}, str(path), metadata={"threshold": str(self.threshold)}
+        )
 
     @classmethod
     def load(cls, path: str | Path) -> TaskMemory:

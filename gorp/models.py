@@ -39,6 +39,25 @@ class Targets:
     linear: tuple[str, ...] = field(default=())  # every nn.Linear inside the transformer blocks
 
 
+PEFT_PREFIX = "base_model.model."
+
+
+def strip_peft(name: str) -> str:
+    """Module/parameter name in the underlying model (PEFT wraps it as base_model.model.<name>)."""
+    return name[len(PEFT_PREFIX) :] if name.startswith(PEFT_PREFIX) else name
+
+
+def linear_module_names(model: nn.Module) -> list[str]:
+    """Names of the model's own nn.Linear layers, seen through PEFT wrappers (adapter layers themselves excluded)."""
+    out = []
+    for name, m in model.named_modules():
+        if not isinstance(m, nn.Linear) or ".lora_" in name:
+            continue
+        name = strip_peft(name)
+        out.append(name[: -len(".base_layer")] if name.endswith(".base_layer") else name)
+    return out
+
+
 def family_of(model: nn.Module) -> str | None:
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     return FAMILIES.get(model_type)
@@ -57,7 +76,7 @@ def resolve_targets(
 
     Raises ValueError naming the suffix when a target matches no nn.Linear in the model.
     """
-    linear_names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    linear_names = linear_module_names(model)
     fam = family_of(model)
     defaults = ARCH_TARGETS.get(fam) if fam else None
     if defaults is None and (lora is None or full_rank is None):

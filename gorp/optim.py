@@ -76,7 +76,9 @@ def _validate_group(g: dict[str, Any]) -> None:
         if not (isinstance(g["rank"], int) and g["rank"] > 0):
             raise ValueError(f"{where}: projection rank must be a positive integer, got {g['rank']!r}")
         if not (isinstance(g["update_gap"], int) and g["update_gap"] > 0):
-            raise ValueError(f"{where}: update_gap (refresh interval T) must be a positive integer, got {g['update_gap']!r}")
+            raise ValueError(
+                f"{where}: update_gap (refresh interval T) must be a positive integer, got {g['update_gap']!r}"
+            )
         if not g["scale"] > 0:
             raise ValueError(f"{where}: scale must be > 0, got {g['scale']}")
         if g["proj_method"] not in METHODS:
@@ -164,7 +166,9 @@ class ProjAdamW(Optimizer):
             else:
                 expect = p.shape[1]
             if s.shape[0] != expect:
-                raise ValueError(f"basis for {name!r} has {s.shape[0]} rows, expected {expect} (shape {tuple(p.shape)})")
+                raise ValueError(
+                    f"basis for {name!r} has {s.shape[0]} rows, expected {expect} (shape {tuple(p.shape)})"
+                )
             self.state[p]["basis"] = s.to(device=local.device, dtype=torch.float32).contiguous()
             count += 1
         return count
@@ -254,12 +258,16 @@ class ProjAdamW(Optimizer):
         else:
             since = int(st["step"].item()) - int(st["last_refresh"].item())
             r = project(grad, st["proj"], side, group)
-            refresh = since >= g["update_gap"] if g["refresh"] == "fixed" else (
-                since >= g["update_gap"] and outside_energy(grad, r, side, group) > g["adaptive_threshold"]
+            refresh = (
+                since >= g["update_gap"]
+                if g["refresh"] == "fixed"
+                else (since >= g["update_gap"] and outside_energy(grad, r, side, group) > g["adaptive_threshold"])
             )
             if refresh:
                 n = int(st["n_refresh"].item())
-                st["proj"] = compute_projection(grad, g["rank"], side, group, g["proj_method"], seed=seed + 104729 * n, **kw)
+                st["proj"] = compute_projection(
+                    grad, g["rank"], side, group, g["proj_method"], seed=seed + 104729 * n, **kw
+                )
                 st["last_refresh"].fill_(int(st["step"].item()))
                 st["n_refresh"] += 1
                 r = project(grad, st["proj"], side, group)
@@ -298,4 +306,3 @@ class ProjAdamW(Optimizer):
 def state_bytes(opt: Optimizer) -> int:
     """Bytes of tensor state held by this rank's optimizer."""
     return sum(v.numel() * v.element_size() for st in opt.state.values() for v in st.values() if torch.is_tensor(v))
-

@@ -45,7 +45,7 @@ def choose_side(shape: torch.Size | tuple[int, ...]) -> Side:
     return "right" if m >= n else "left"
 
 
-def _canonical_signs(vecs: torch.Tensor) -> torch.Tensor:
+def canonical_signs(vecs: torch.Tensor) -> torch.Tensor:
     """Flip each column so that its largest-magnitude entry is positive."""
     idx = vecs.abs().argmax(dim=0)
     signs = torch.sign(vecs.gather(0, idx.unsqueeze(0))).squeeze(0)
@@ -93,7 +93,7 @@ def top_right_singular(
     else:
         raise ValueError(f"unknown projection method {method!r}; expected one of {METHODS}")
     sigma = vals.clamp_min(0).sqrt()
-    return _canonical_signs(vecs).to(torch.float32), sigma
+    return canonical_signs(vecs).to(torch.float32), sigma
 
 
 def compute_projection(
@@ -131,9 +131,7 @@ def project_back(n_canon: torch.Tensor, p_local: torch.Tensor, side: Side) -> to
     return p_local @ n_canon.T  # (m_i, r) @ (r, n)
 
 
-def outside_energy(
-    g_local: torch.Tensor, r_canon: torch.Tensor, side: Side, group: ProcessGroup = None
-) -> float:
+def outside_energy(g_local: torch.Tensor, r_canon: torch.Tensor, side: Side, group: ProcessGroup = None) -> float:
     """Share of ||G||^2 outside the current subspace: 1 - ||R||^2 / ||G||^2 (P has orthonormal rows/columns)."""
     sq = torch.stack([g_local.to(torch.float64).square().sum(), r_canon.to(torch.float64).square().sum()])
     if side == "right":

@@ -1,0 +1,141 @@
+"""GORP (arXiv 2507.02503): LoRA and full-rank weights trained jointly inside one low-rank gradient subspace.
+
+Per task: a fresh LoRA pair (PEFT; A Kaiming, B zero) on the attention query/value projections, plus full-rank training
+of a chosen set of weights (LLaMA: mlp.gate_proj; T5: decoder cross-attention q/v) with the low-rank projector. Three
+optimizer groups: plain AdamW (LoRA B), LoRA A and the projected full-rank weights, the last two kept off the task memory.
+At task end the final first moments are folded into the memory (90% energy) and the adapter is merged into the weights,
+so that the next task starts from everything learned so far.
+
+Two defects of the released code are fixed here, by construction and by test: the memory is carried to the next task
+(``state_tensors``), and the full-rank updates are part of the model that the next task starts from (``finalize``).
+Earlier tasks' adapters are merged rather than kept as frozen side modules: the output is the same and the stage's model
+stays a plain Hugging Face model (servable, and shardable by FSDP2 without PEFT bookkeeping).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from gorp.memory import TaskMemory
+from gorp.methods.base import (
+    BatchSource,
+    ContinualMethod,
+    MethodArgs,
+    add_lora,
+    freeze_all,
+    lora_pairs,
+    named_trainable,
+    strip_peft,
+    unfreeze,
+)
+from gorp.optim import ProjAdamW
+
+
+@dataclasses.dataclass
+class GorpArgs(MethodArgs):
+    lr: float = 1e-3  # LoRA learning rate
+    full_rank_lr: float = 1e-5
+    lora_r: int = 8
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.1
+    rank: int = 8  # projection rank of the full-rank weights
+    update_gap: int = 10  # refresh interval T
+    scale: float = 0.25
+    proj_method: str = "svd"
+    refresh: str = "fixed"
+    adaptive_threshold: float = 0.4
+    memory_threshold: float = 0.9
+    use_memory: bool = True  # off: the ablation without task memory (and what the released code effectively ran)
+    project: bool = True  # off: plain AdamW on the same parameters (benchmark of the projection's own cost)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0.0 < self.memory_threshold <= 1.0:
+            raise ValueError(f"memory_threshold must be in (0, 1], got {self.memory_threshold}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+
+
+class Gorp(ContinualMethod):
+    name = "gorp"
+    Args = GorpArgs
+
+    def __init__(self, **hparams):
+        super().__init__(**hparams)
+        self.memory = TaskMemory(self.args.memory_threshold)
+
+    def setup_task(self, model: nn.Module, task: int, *, batches: BatchSource | None = None) -> nn.Module:
+        targets = self.targets(model)
+        freeze_all(model)
+        model = add_lora(model, targets.lora, self.args.lora_r, self.args.lora_alpha, self.args.lora_dropout)
+        overlap = set(targets.lora) & set(targets.full_rank)
+        if overlap:
+            raise ValueError(f"modules cannot be both LoRA and full-rank targets: {sorted(overlap)[:3]}")
+        unfreeze(model, targets.full_rank)
+        return model
+
+    def param_groups(self, model: nn.Module) -> list[dict]:
+        a = self.args
+        full_rank = {f"{strip_peft(m)}.weight" for m in self.targets(model).full_rank}
+        plain, lora_a, full = [], [], []
+        for name, p in named_trainable(model):
+            if ".lora_A." in name:
+                lora_a.append((name.split(".lora_A.")[0] + ".lora_A", p))
+            elif name in full_rank:
+                full.append((name, p))
+            else:
+                plain.append((name, p))
+        if not self.args.project:  # the ablation: the same parameters, plain AdamW
+            return [
+                {"params": [p for _, p in plain + lora_a], "lr": a.lr},
+                {"params": [p for _, p in full], "lr": a.full_rank_lr},
+            ]
+        groups = [
+            {"kind": "plain", "params": [p for _, p in plain], "names": [n for n, _ in plain], "lr": a.lr},
+            {"kind": "lora_a", "params": [p for _, p in lora_a], "names": [n for n, _ in lora_a], "lr": a.lr},
+            {
+                "kind": "projected",
+                "params": [p for _, p in full],
+                "names": [n for n, _ in full],
+                "lr": a.full_rank_lr,
+                "rank": a.rank,
+                "update_gap": a.update_gap,
+                "scale": a.scale,
+                "proj_method": a.proj_method,
+                "refresh": a.refresh,
+                "adaptive_threshold": a.adaptive_threshold,
+            },
+        ]
+        return [g for g in groups if g["params"]]
+
+    def make_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        if not self.args.project:
+            return torch.optim.AdamW(self.param_groups(model), lr=self.args.lr, weight_decay=self.args.weight_decay)
+        opt = ProjAdamW(self.param_groups(model), lr=self.args.lr, weight_decay=self.args.weight_decay)
+        if self.args.use_memory:
+            opt.set_basis(self.memory.bases)
+        return opt
+
+    def end_task(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, batches: BatchSource | None = None):
+        """Fold this task's final first moments into the memory (a collective under FSDP2)."""
+        if self.args.use_memory and isinstance(optimizer, ProjAdamW):
+            for name, p, g in optimizer.named_params(("lora_a", "projected")):
+                moment = optimizer.canonical_moment(p, g)
+                if moment is not None:
+                    self.memory.update(name, moment)
+        super().end_task(model, optimizer)
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {f"memory/{k}": v for k, v in self.memory.bases.items()}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        bad = [k for k in tensors if not k.startswith("memory/")]
+        if bad:
+            raise ValueError(f"unexpected gorp state entries: {bad[:3]}")
+        self.memory = TaskMemory(self.args.memory_threshold, {k[len("memory/") :]: v for k, v in tensors.items()})
+
+    def lora_modules(self, model: nn.Module) -> list[str]:
+        return sorted(lora_pairs(model))

@@ -1,0 +1,72 @@
+"""Runs a two-task continual sequence, sharded with FSDP2 over gloo (spawned by test_fsdp.py) or in one process."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import save_file
+
+from gorp.fsdp import full_state_dict, shard_model
+from gorp.loop import train_step
+from gorp.methods import build_method
+from gorp.models import tiny_llama
+
+STEPS = 16  # per task; with update_gap 5: refreshes at steps 0, 5, 10, 15 of each task
+BATCH, SEQ, VOCAB = 4, 12, 128
+
+
+def batch(task: int, step: int, rank: int, world: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 * task + step)
+    ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=g)
+    rows = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
+    ids = ids[rows]
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+
+
+def method_args(name: str) -> dict:
+    common = {"lr": 3e-3}
+    if name == "gorp":
+        return {**common, "full_rank_lr": 3e-3, "update_gap": 5, "rank": 4, "scale": 1.0, "lora_dropout": 0.0}
+    if name == "galore":
+        return {**common, "update_gap": 5, "rank": 4, "scale": 1.0}
+    raise ValueError(name)
+
+
+def run(rank: int, world: int, method_name: str, out: str, port: int) -> None:
+    sharded = world > 1
+    if sharded:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
+    method = build_method(method_name, **method_args(method_name))
+    model = tiny_llama(seed=0)
+    losses = []
+    for task in range(2):
+        torch.manual_seed(task)  # the same LoRA initialization on every rank and in the reference
+        model = method.setup_task(model, task)
+        if sharded:
+            shard_model(model)
+        opt = method.make_optimizer(model)
+        for step in range(STEPS):
+            loss = torch.tensor(train_step(model, method, opt, batch(task, step, rank, world), grad_clip=1.0))
+            if sharded:  # the global-batch loss: mean of the equal-sized local batches
+                dist.all_reduce(loss)
+                loss /= world
+            losses.append(loss.item())
+        method.end_task(model, opt)
+        if sharded:
+            plain = method.finalize_state_dict({k: v.detach().clone() for k, v in full_state_dict(model).items()})
+            model = tiny_llama(seed=0)
+            model.load_state_dict(plain)
+        else:
+            model = method.finalize(model)
+    if rank == 0:
+        tensors = {f"model/{k}": v.contiguous() for k, v in model.state_dict().items()}
+        tensors.update({f"state/{k}": v.contiguous() for k, v in method.state_tensors().items()})
+        tensors["losses"] = torch.tensor(losses)
+        save_file(tensors, out)
+    if sharded:
+        dist.destroy_process_group()
