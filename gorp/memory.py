@@ -1,10 +1,10 @@
 """Task-subspace memory: the directions earlier tasks relied on, one orthonormal basis per trained matrix.
 
 After a task, the final Adam first moment M of every projected weight and every LoRA A (in the canonical orientation of
-:meth:`gorp.optim.ProjAdamW.canonical_moment`, d x c) is decomposed, M = U diag(s) V^T; the leading columns of U that hold
-``threshold`` (default 90%) of the energy sum(s^2) are orthogonalized against the stored basis and appended to it,
-capped at d columns. While later tasks train, :class:`~gorp.optim.ProjAdamW` removes the components of gradients and
-updates inside these bases.
+:meth:`gorp.optim.ProjAdamW.canonical_moment`, d x c) is decomposed, M = U diag(s) V^T; the leading columns of U
+that hold ``threshold`` (default 90%) of the energy sum(s^2) are orthogonalized against the stored basis and appended
+to it, capped at d columns. While later tasks train, :class:`~gorp.optim.ProjAdamW` removes the components of
+gradients and updates inside these bases.
 """
 
 from __future__ import annotations

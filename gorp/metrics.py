@@ -1,8 +1,8 @@
 """Continual-learning metrics over the accuracy matrix, and exact-match normalization.
 
-``R[t][i]`` is the accuracy on task i after stage t (0-based here; T stages, T tasks, stage t learns task t), ``b[i]`` the
-zero-shot accuracy of the base model on task i. Entries for tasks not yet seen (i > t) may be None. Averages are per task
-(each task weighs the same), not pooled over samples.
+``R[t][i]`` is the accuracy on task i after stage t (0-based here; T stages, T tasks, stage t learns task t), ``b[i]``
+the zero-shot accuracy of the base model on task i. Entries for tasks not yet seen (i > t) may be None. Averages are per
+task (each task weighs the same), not pooled over samples.
 
 * AA         = mean_i R[T-1][i]
 * BWT        = mean_{i < T-1} (R[T-1][i] - R[i][i])

@@ -174,7 +174,7 @@ class ProjAdamW(Optimizer):
         return count
 
     def set_frozen_subspace(self, p: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> None:
-        """Freeze span(U) (m x k) on the output side and span(V) (n x k) on the input side of ``p`` (orthogonal kind)."""
+        """Freeze span(U) (m x k) on the output side and span(V) (n x k) on the input side of ``p``."""
         local, group = local_and_group(p)
         start = row_offset(local, group)
         st = self.state[p]

@@ -26,7 +26,7 @@ import sys
 import tempfile
 import time
 import zipfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 PROVENANCE_FILE = "gorp_model.json"
@@ -109,23 +109,18 @@ def prepare_demo_model(
             shutil.rmtree(stale, ignore_errors=True)
         work = Path(tempfile.mkdtemp(prefix=f".{model.folder}.tmp-", dir=final.parent))
         try:
-            timings = {}
-            t = time.perf_counter()
-            with _status(console, f"Fetching {model.package}=={model.version}"):
+            timings: dict[str, float] = {}
+            with _step(console, f"Fetching {model.package}=={model.version}", timings, "download_s"):
                 wheel = fetch_wheel(model, cache_root(cache_dir) / "downloads")
-            timings["download_s"] = round(time.perf_counter() - t, 2)
-            t = time.perf_counter()
-            with _status(console, "Extracting the GGUF"):
+            with _step(console, "Extracting the GGUF", timings, "extract_s"):
                 gguf_path = extract_gguf(wheel, model, work)
-            timings["extract_s"] = round(time.perf_counter() - t, 2)
-            with _status(console, "Converting GGUF -> safetensors (about 30 s)"):
+            with _step(console, "Converting GGUF -> safetensors (about 30 s)", timings, "convert_total_s"):
                 info = convert_gguf(gguf_path, work / "model")
             timings.update(info.pop("timings_s"))
+            source = {k: v for k, v in asdict(model).items() if k not in ("name", "folder", "upstream", "license")}
             record = {
                 "name": model.name,
-                "source": {"package": model.package, "version": model.version, "wheel": model.wheel,
-                           "wheel_sha256": model.wheel_sha256, "gguf_file": model.gguf_member,
-                           "gguf_sha256": model.gguf_sha256},
+                "source": source,
                 "upstream": model.upstream,
                 "license": model.license,
                 **info,
@@ -298,6 +293,14 @@ def _status(console, message: str):
     return console.status(message) if console is not None else contextlib.nullcontext()
 
 
+@contextlib.contextmanager
+def _step(console, message: str, timings: dict[str, float], key: str):
+    t = time.perf_counter()
+    with _status(console, message):
+        yield
+    timings[key] = round(time.perf_counter() - t, 2)
+
+
 def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
     from rich.table import Table
@@ -327,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
         with _status(console, f"Greedy generation of {CHECK_PROMPT!r}"):
             text = greedy_complete(folder, CHECK_PROMPT)
         table.add_row("reload + generate", f"{time.perf_counter() - t:.2f}")
-        console.print(f"{CHECK_PROMPT}[bold]{text}[/]")
+        console.print(f"greedy: {CHECK_PROMPT!r} -> [bold]{text!r}[/]")
     console.print(table)
     print(folder)
     return 0

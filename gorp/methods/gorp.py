@@ -2,7 +2,8 @@
 
 Per task: a fresh LoRA pair (PEFT; A Kaiming, B zero) on the attention query/value projections, plus full-rank training
 of a chosen set of weights (LLaMA: mlp.gate_proj; T5: decoder cross-attention q/v) with the low-rank projector. Three
-optimizer groups: plain AdamW (LoRA B), LoRA A and the projected full-rank weights, the last two kept off the task memory.
+optimizer groups: plain AdamW (LoRA B), LoRA A and the projected full-rank weights, the last two kept off the task
+memory.
 At task end the final first moments are folded into the memory (90% energy) and the adapter is merged into the weights,
 so that the next task starts from everything learned so far.
 
