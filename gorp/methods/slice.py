@@ -52,6 +52,15 @@ def _mean_grads(model: nn.Module, names: list[str], batches: list[Batch]) -> dic
     return grads
 
 
+def gradient_surgery(g_c: torch.Tensor, g_r: torch.Tensor, c: float = 1.0) -> tuple[torch.Tensor, float, bool]:
+    """(g, cos(g_c, g_r), applied): g_c minus c times its component along g_r when the two conflict (cos < 0)."""
+    dot = (g_c * g_r).sum()
+    cos = float(dot / (g_c.norm() * g_r.norm()).clamp_min(1e-30))
+    if cos >= 0:
+        return g_c, cos, False
+    return g_c - c * dot / g_r.square().sum().clamp_min(1e-30) * g_r, cos, True
+
+
 class Slice(ContinualMethod):
     name = "slice"
     Args = SliceArgs
@@ -90,12 +99,7 @@ class Slice(ContinualMethod):
             g = g_c[m].double()
             self.surgered[m] = False
             if m in g_r:
-                r = g_r[m].double()
-                cos = float((g * r).sum() / (g.norm() * r.norm()).clamp_min(1e-30))
-                self.cosines[m] = cos
-                if cos < 0:
-                    g = g - a.surgery * (g * r).sum() / r.square().sum().clamp_min(1e-30) * r
-                    self.surgered[m] = True
+                g, self.cosines[m], self.surgered[m] = gradient_surgery(g, g_r[m].double(), a.surgery)
             u, _, vh = torch.linalg.svd(g, full_matrices=False)
             r_ = a.lora_r
             if 2 * r_ > min(g.shape):

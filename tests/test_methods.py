@@ -1,0 +1,109 @@
+"""Baselines: O-LoRA's regularizer, OSFT's frozen directions, SLICE's initialization; method state round trips."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gorp.loop import run_task
+from gorp.methods import METHODS, build_method
+from gorp.methods.base import ContinualMethod, lora_pairs
+from gorp.methods.slice import gradient_surgery
+from gorp.models import tiny_llama
+
+
+def batches(task: int, n: int = 4, bs: int = 4):
+    def gen():
+        g = torch.Generator().manual_seed(50 + task)
+        for _ in range(n):
+            ids = torch.randint(0, 128, (bs, 10), generator=g)
+            yield {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+
+    return gen
+
+
+def test_olora_regularizer_equals_hand_computation():
+    method = build_method("olora", lambda1=0.5, lambda2=0.1, lora_dropout=0.0)
+    model, _ = run_task(tiny_llama(seed=0), method, 0, batches(0))
+    old = {m: a.clone() for m, a in method.old_a.items()}
+    assert all(a.shape == (8, 32) for a in old.values())
+    model = method.setup_task(model, 1)
+    reg = method.extra_loss(model)
+    expected = 0.0
+    for m, (a, b) in lora_pairs(model).items():
+        a_new, b_new, a_old = a.detach().double().numpy(), b.detach().double().numpy(), old[m].double().numpy()
+        expected += 0.5 * abs(a_old @ a_new.T).sum()
+        expected += 0.1 * ((a_new**2).sum() ** 0.5 + (b_new**2).sum() ** 0.5)
+    assert float(reg) == pytest.approx(expected, rel=1e-5)
+    reg.backward()  # differentiable in the new adapter only
+    assert all(a.grad is not None for a, _ in lora_pairs(model).values())
+
+
+def test_osft_leaves_frozen_singular_directions_unchanged():
+    method = build_method("osft", lr=1e-2, retain=0.5)
+    model = tiny_llama(seed=0).double()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model, losses = run_task(model, method, 0, batches(0, n=6))
+    assert losses[-1] < losses[0]
+    changed = 0
+    for name, (u, v) in method.frozen.items():
+        w0, w1 = before[name], model.state_dict()[name]
+        u, v = u.double(), v.double()
+        assert u.shape[1] == round(0.5 * min(w0.shape))
+        torch.testing.assert_close(u.T @ w1, u.T @ w0, rtol=0, atol=1e-6)  # frozen left directions
+        torch.testing.assert_close(w1 @ v, w0 @ v, rtol=0, atol=1e-6)  # frozen right directions
+        s_top = torch.linalg.svdvals(w0)[: u.shape[1]]
+        torch.testing.assert_close(torch.diagonal(u.T @ w1 @ v), s_top, rtol=1e-6, atol=1e-6)
+        changed += int((w1 - w0).norm() > 1e-4)
+    assert changed == len(method.frozen)  # and the rest did train
+
+
+def test_gradient_surgery_only_when_conflicting():
+    g_r = torch.tensor([1.0, 0.0, 0.0])
+    g, cos, applied = gradient_surgery(torch.tensor([-1.0, 1.0, 0.0]), g_r, 1.0)
+    assert applied and cos == pytest.approx(-(0.5**0.5))
+    torch.testing.assert_close(g, torch.tensor([0.0, 1.0, 0.0]))  # PCGrad: the conflict removed
+    g, cos, applied = gradient_surgery(torch.tensor([1.0, 1.0, 0.0]), g_r, 1.0)
+    assert not applied and cos > 0
+    torch.testing.assert_close(g, torch.tensor([1.0, 1.0, 0.0]))
+    g, _, _ = gradient_surgery(torch.tensor([-2.0, 1.0, 0.0]), g_r, 0.5)  # c = 0.5: half of the conflict removed
+    torch.testing.assert_close(g, torch.tensor([-1.0, 1.0, 0.0]))
+
+
+def test_slice_initialization_keeps_the_output_and_follows_the_cosine():
+    method = build_method("slice", replay_per_task=8)
+    model, _ = run_task(tiny_llama(seed=0), method, 0, batches(0))
+    assert method.replay["input_ids"].shape == (8, 10)
+    probe = next(iter(batches(7)()))
+    model.eval()
+    with torch.no_grad():
+        ref = model(**probe).logits
+    model = method.setup_task(model, 1, batches=batches(1))
+    model.eval()
+    with torch.no_grad():
+        out = model(**probe).logits
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert method.cosines and set(method.surgered) == set(method.cosines)
+    for m, cos in method.cosines.items():
+        assert method.surgered[m] == (cos < 0)
+    for _, (a, b) in lora_pairs(model).items():
+        assert a.abs().sum() > 0 and b.abs().sum() > 0  # initialized from the gradient, not zero
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_two_tasks_and_state_round_trip(name, tmp_path):
+    args = {"lora_dropout": 0.0} if name in ("gorp", "lora", "olora") else {}
+    method = build_method(name, **args)
+    model = tiny_llama(seed=0)
+    for task in range(2):
+        model, losses = run_task(model, method, task, batches(task))
+        assert all(torch.isfinite(torch.tensor(losses)))
+    assert type(model).__name__ == "LlamaForCausalLM"  # adapters merged: a plain model
+    method.save(tmp_path)
+    back = ContinualMethod.load(tmp_path)
+    assert type(back) is type(method) and back.tasks_seen == 2 and back.hparams() == method.hparams()
+    a, b = method.state_tensors(), back.state_tensors()
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    if name in ("gorp", "olora", "slice", "lora"):
+        assert a, f"{name} must carry state between tasks"
