@@ -29,6 +29,8 @@ def method_args(name: str) -> dict:
     common = {"lr": 3e-3}
     if name == "gorp":
         return {**common, "full_rank_lr": 3e-3, "update_gap": 5, "rank": 4, "scale": 1.0, "lora_dropout": 0.0}
+    if name == "gorp-randomized":
+        return {**method_args("gorp"), "proj_method": "randomized"}
     if name == "galore":
         return {**common, "update_gap": 5, "rank": 4, "scale": 1.0}
     raise ValueError(name)
@@ -41,7 +43,7 @@ def run(rank: int, world: int, method_name: str, out: str, port: int) -> None:
         dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
-    method = build_method(method_name, **method_args(method_name))
+    method = build_method(method_name.split("-")[0], **method_args(method_name))
     model = tiny_llama(seed=0)
     losses = []
     for task in range(2):

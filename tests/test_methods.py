@@ -107,3 +107,23 @@ def test_two_tasks_and_state_round_trip(name, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     if name in ("gorp", "olora", "slice", "lora"):
         assert a, f"{name} must carry state between tasks"
+
+
+def test_gorp_on_t5_targets_self_attention_lora_and_cross_attention_full_rank():
+    from gorp.models import tiny_t5
+
+    method = build_method("gorp", lora_dropout=0.0, update_gap=2, full_rank_lr=1e-3)
+    model = method.setup_task(tiny_t5(seed=0), 0)
+    opt = method.make_optimizer(model)
+    names = {name for name, _, _ in opt.named_params(("projected",))}
+    assert names and all("EncDecAttention" in n for n in names)
+    assert all("SelfAttention" in m for m in lora_pairs(model))
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        ids = torch.randint(2, 128, (2, 8), generator=g)
+        model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids[:, :4].contiguous()).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    method.end_task(model, opt)
+    assert len(method.memory) == len(names) + len(lora_pairs(model))
+    assert type(method.finalize(model)).__name__ == "T5ForConditionalGeneration"

@@ -172,3 +172,26 @@ def test_bad_method_arguments_name_the_problem():
         build_method("gorp", full_rank_targets=["mlp.not_there"]).setup_task(tiny_llama(), 0)
     with pytest.raises(TypeError, match="unknown hyperparameters"):
         ProjAdamW([torch.nn.Parameter(torch.randn(2, 2))], rnak=2)
+
+
+def test_adaptive_refresh_follows_the_gradient_subspace():
+    """Adaptive mode refreshes only when the share of gradient energy outside the subspace exceeds the threshold."""
+    torch.manual_seed(2)
+    w = torch.nn.Parameter(torch.randn(16, 8))
+    opt = ProjAdamW(
+        [{"kind": "projected", "params": [w]}], rank=2, update_gap=1, refresh="adaptive", adaptive_threshold=0.5
+    )
+    u = torch.linalg.qr(torch.randn(16, 8)).Q
+    v = torch.linalg.qr(torch.randn(8, 8)).Q
+    stay = (u[:, :2] * torch.tensor([2.0, 1.0])) @ v[:, :2].T  # rank 2: always inside the first subspace
+    for _ in range(5):
+        w.grad = stay.clone()
+        opt.step()
+    assert int(opt.state[w]["n_refresh"]) == 1
+    move = (u[:, 2:4] * torch.tensor([2.0, 1.0])) @ v[:, 2:4].T  # orthogonal to it: all energy outside
+    w.grad = move
+    opt.step()
+    assert int(opt.state[w]["n_refresh"]) == 2
+    w.grad = move.clone()
+    opt.step()
+    assert int(opt.state[w]["n_refresh"]) == 2  # the new subspace holds it
