@@ -1,0 +1,380 @@
+"""The MLflow model registry side of lineage: one model version per stage, the promotion gate, reports, loading.
+
+Every stage's model folder becomes a version of a registered model, made with ``MlflowClient.create_model_version``
+(MLflow 3.17's ``mlflow.register_model`` refuses a plain folder; models are never pickled). Version tags: ``stage``,
+``task``, ``parent_version``, ``method``, ``data_digest``, ``config_hash``, ``aa``, ``bwt``, ``sequence`` (the parent
+run) and ``promoted`` (the gate's verdict). Aliases:
+
+- ``latest`` is reserved by MLflow 3.17 (setting it raises "'latest' alias name (case insensitive) is reserved");
+  ``models:/NAME@latest`` resolves to the highest version, which is always the newest stage registered, so it moves
+  by itself, and a failed stage (no version) leaves it where it was.
+- ``champion`` moves only when :func:`gate` passes.
+
+Reads go through ``MlflowClient`` with an explicit tracking URI, never through the fluent active-run API.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import sys
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlparse
+
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+CHAMPION = "champion"
+LATEST = "latest"  # implicit in MLflow 3.17: the highest version
+_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+|latest)|@(?P<alias>[\w.-]+))$", re.IGNORECASE)
+
+
+def gate(
+    new_aa: float | None,
+    new_task_acc: float | None,
+    champion_aa: float | None,
+    aa_tolerance: float = 0.0,
+    new_task_floor: float = 0.0,
+) -> bool:
+    """Promotion gate: AA may not fall below the champion's by more than ``aa_tolerance`` and the new task must reach
+    ``new_task_floor``. With no champion yet only the floor applies. A missing score fails."""
+    return gate_reason(new_aa, new_task_acc, champion_aa, aa_tolerance, new_task_floor) == "pass"
+
+
+def gate_reason(
+    new_aa: float | None,
+    new_task_acc: float | None,
+    champion_aa: float | None,
+    aa_tolerance: float = 0.0,
+    new_task_floor: float = 0.0,
+) -> str:
+    """``"pass"`` or why the gate failed (pure; see :func:`gate`)."""
+    if new_task_acc is None or math.isnan(new_task_acc):
+        return "fail: the new task has no accuracy"
+    if new_task_acc < new_task_floor:
+        return f"fail: new task accuracy {new_task_acc:.4f} < floor {new_task_floor:.4f}"
+    if champion_aa is None:
+        return "pass"
+    if new_aa is None or math.isnan(new_aa):
+        return "fail: no average accuracy"
+    if new_aa < champion_aa - aa_tolerance:
+        return f"fail: AA {new_aa:.4f} < champion AA {champion_aa:.4f} - tolerance {aa_tolerance:.4f}"
+    return "pass"
+
+
+def client_for(tracking_uri: str) -> MlflowClient:
+    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+
+def _num(value: Any) -> float | None:
+    """A float from a tag value ('' / 'None' / 'nan' -> None)."""
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(x) else x
+
+
+def _tag(value: Any) -> str:
+    if value is None:
+        return ""
+    return repr(float(value)) if isinstance(value, float) else str(value)
+
+
+def by_alias(client: MlflowClient, name: str, alias: str):
+    """The version an alias points at, or None when the alias is not set (or the model has no version)."""
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+
+
+def ensure_registered_model(client: MlflowClient, name: str) -> None:
+    if not name or any(c in name for c in "'\"/@"):
+        raise ValueError(
+            f"model name {name!r} must be non-empty, without quotes, '/' or '@' (it goes into models:/ URIs)"
+        )
+    try:
+        client.get_registered_model(name)
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        client.create_registered_model(name, tags={"gorp": "continual"})
+
+
+def version_of_stage(client: MlflowClient, name: str, stage: int, sequence: str):
+    """The version registered for ``stage`` by the sequence (parent run) ``sequence``, or None."""
+    found = client.search_model_versions(f"name='{name}' and tags.stage='{stage}' and tags.sequence='{sequence}'")
+    return max(found, key=lambda v: int(v.version)) if found else None
+
+
+def register_version(
+    client: MlflowClient,
+    run,
+    name: str,
+    model_dir: str | Path,
+    tags: dict[str, Any],
+    *,
+    aa_tolerance: float = 0.0,
+    new_task_floor: float = 0.0,
+    source: str | None = None,
+) -> int:
+    """Register ``model_dir`` (already logged results on ``run``) as a version of ``name``; returns its number.
+
+    Idempotent: a version this run already made for this stage is returned (and the champion alias repaired if the
+    gate had passed) instead of creating a duplicate.
+    """
+    stage, task, sequence = int(run.data.tags["gorp.stage"]), run.data.tags["gorp.task"], run.data.tags["gorp.sequence"]
+    metrics = run.data.metrics
+    if "aa" not in metrics:
+        raise ValueError(f"stage run {run.info.run_id} has no 'aa' metric; call log_stage_result before register_stage")
+    ensure_registered_model(client, name)
+    champion = by_alias(client, name, CHAMPION)
+    for v in client.search_model_versions(f"name='{name}' and run_id='{run.info.run_id}'"):
+        if v.tags.get("stage") == str(stage):
+            if v.tags.get("promoted") == "true" and (champion is None or int(champion.version) < int(v.version)):
+                client.set_registered_model_alias(name, CHAMPION, str(v.version))
+            return int(v.version)
+
+    model_dir = Path(model_dir).resolve()
+    if source is None:
+        if not model_dir.is_dir():
+            raise FileNotFoundError(f"model folder {str(model_dir)!r} of stage {stage} ({task}) does not exist")
+        source = str(model_dir)
+    parent = tags.get("parent_version")
+    if parent is None and stage > 0:
+        prev = version_of_stage(client, name, stage - 1, sequence)
+        parent = prev.version if prev is not None else None
+    new_aa, new_task_acc = metrics.get("aa"), metrics.get(f"acc/{metric_key(task)}")
+    champion_aa = _num(champion.tags.get("aa")) if champion is not None else None
+    verdict = gate_reason(new_aa, new_task_acc, champion_aa, aa_tolerance, new_task_floor)
+    all_tags = {
+        **{k: _tag(v) for k, v in tags.items()},
+        "stage": str(stage),
+        "task": task,
+        "parent_version": _tag(parent),
+        "sequence": sequence,
+        "aa": _tag(new_aa),
+        "bwt": _tag(metrics.get("bwt")),
+        "promoted": "true" if verdict == "pass" else "false",
+        "gate": verdict,
+    }
+    for key in ("method", "data_digest", "config_hash"):
+        all_tags.setdefault(key, run.data.tags.get(f"gorp.{key}", ""))
+    mv = client.create_model_version(name, source=source, run_id=run.info.run_id, tags=all_tags)
+    if verdict == "pass":
+        client.set_registered_model_alias(name, CHAMPION, str(mv.version))
+    return int(mv.version)
+
+
+def metric_key(task: str) -> str:
+    """A task name as an MLflow metric-name component (letters, digits, ``_-. /`` are kept)."""
+    return re.sub(r"[^\w\-. ]", "_", task)
+
+
+def _missing_model(name: str, tracking_uri: str) -> LookupError:
+    return LookupError(f"no registered model {name!r} at {tracking_uri}; run `gorp run` first (or pass --tracking-uri)")
+
+
+def lineage_report(model_name: str, tracking_uri: str) -> dict[str, Any]:
+    """The chain of versions of ``model_name`` (ordered by stage, then version) and the accuracy matrix rebuilt from the
+    stage runs' ``acc/<task>`` metrics. Reads MLflow only."""
+    client = client_for(tracking_uri)
+    try:
+        registered = client.get_registered_model(model_name)
+    except MlflowException as e:
+        if e.error_code == "RESOURCE_DOES_NOT_EXIST":
+            raise _missing_model(model_name, tracking_uri) from None
+        raise
+    found = client.search_model_versions(f"name='{model_name}'")
+    found.sort(key=lambda v: (int(v.tags.get("stage", -1)), int(v.version)))
+    aliases: dict[str, int] = {}
+    for alias in sorted({*registered.aliases, LATEST}):  # search_model_versions returns no aliases in 3.17
+        mv = by_alias(client, model_name, alias)
+        if mv is not None:
+            aliases[alias] = int(mv.version)
+    versions, metrics_of = [], {}
+    for v in found:
+        metrics = _run_metrics(client, v.run_id)
+        metrics_of[int(v.version)] = metrics
+        t = v.tags
+        versions.append(
+            {
+                "version": int(v.version),
+                "stage": int(t["stage"]) if t.get("stage", "").isdigit() else None,
+                "task": t.get("task"),
+                "parent_version": int(t["parent_version"]) if t.get("parent_version", "").isdigit() else None,
+                "method": t.get("method"),
+                "data_digest": t.get("data_digest"),
+                "config_hash": t.get("config_hash"),
+                "aa": _num(t.get("aa")),
+                "bwt": _num(t.get("bwt")),
+                "fwt": metrics.get("fwt"),
+                "forgetting": metrics.get("forgetting"),
+                "promoted": t.get("promoted") == "true",
+                "source": v.source,
+                "run_id": v.run_id,
+                "aliases": sorted(a for a, n in aliases.items() if n == int(v.version)),
+            }
+        )
+    tasks = list(dict.fromkeys(v["task"] for v in versions if v["task"]))
+    keyed = {metric_key(t): t for t in tasks}
+    extra = sorted({k[4:] for m in metrics_of.values() for k in m if k.startswith("acc/")} - set(keyed))
+    tasks += extra
+    keyed.update({k: k for k in extra})
+    matrix = [[metrics_of[v["version"]].get(f"acc/{k}") for k in keyed] for v in versions]
+    return {
+        "model": model_name,
+        "tracking_uri": tracking_uri,
+        "aliases": aliases,
+        "versions": versions,
+        "tasks": tasks,
+        "matrix": matrix,
+    }
+
+
+def _run_metrics(client: MlflowClient, run_id: str | None) -> dict[str, float | None]:
+    """A run's latest metric values, NaN as None (valid JSON); {} for a version without a run or a purged run."""
+    if not run_id:
+        return {}
+    try:
+        metrics = client.get_run(run_id).data.metrics
+    except MlflowException:
+        return {}
+    return {k: None if math.isnan(v) else v for k, v in metrics.items()}
+
+
+def _fmt(x: float | None, signed: bool = False) -> str:
+    if x is None:
+        return "-"
+    return f"{x:+.3f}" if signed else f"{x:.3f}"
+
+
+def render_lineage(report: dict[str, Any]):
+    """A rich renderable: the versions table and the accuracy matrix (rows: versions, columns: tasks)."""
+    from rich.console import Group
+    from rich.markup import escape
+    from rich.table import Table
+
+    chain = Table(title=f"{report['model']}: model versions", title_justify="left")
+    for col in ("version", "stage", "task", "parent", "method", "AA", "BWT", "aliases", "data digest", "source"):
+        right = col in ("version", "stage", "parent", "AA", "BWT")
+        chain.add_column(col, justify="right" if right else "left", overflow="fold" if col == "source" else "ellipsis")
+    for v in report["versions"]:
+        chain.add_row(
+            str(v["version"]),
+            "-" if v["stage"] is None else str(v["stage"]),
+            escape(v["task"] or "-"),
+            "-" if v["parent_version"] is None else str(v["parent_version"]),
+            escape(v["method"] or "-"),
+            _fmt(v["aa"]),
+            _fmt(v["bwt"], signed=True),
+            ", ".join(f"@{a}" for a in v["aliases"]),
+            escape((v["data_digest"] or "-")[:12]),
+            escape(v["source"]),
+        )
+    matrix = Table(title=escape("accuracy matrix R[version, task]"), title_justify="left")
+    matrix.add_column("version")
+    for t in report["tasks"]:
+        matrix.add_column(escape(t), justify="right")
+    for v, row in zip(report["versions"], report["matrix"], strict=True):
+        matrix.add_row(escape(f"v{v['version']} ({v['task']})"), *(_fmt(x) for x in row))
+    return Group(chain, matrix)
+
+
+def default_tracking_uri(tracking_uri: str | None) -> str:
+    """For reading: the given URI, else ``MLFLOW_TRACKING_URI``, else ``./mlflow.db`` if it exists."""
+    import os
+
+    if tracking_uri:
+        return tracking_uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    local = Path("mlflow.db").resolve()
+    if local.is_file():
+        return f"sqlite:///{local}"
+    raise LookupError(
+        "no tracking store: pass --tracking-uri sqlite:///<run_dir>/mlflow.db (the run directory of `gorp run`) "
+        "or set MLFLOW_TRACKING_URI"
+    )
+
+
+def lineage_command(name: str, tracking_uri: str | None = None, as_json: bool = False, console=None) -> int:
+    """``gorp lineage NAME [--json] [--tracking-uri URI]``: print the report; returns the exit code."""
+    from rich.console import Console
+
+    quiet_mlflow_logs()
+    try:
+        uri = default_tracking_uri(tracking_uri)
+        report = lineage_report(name, uri)
+    except LookupError as e:
+        print(f"error: {e.args[0]}", file=sys.stderr)
+        return 2
+    if as_json:
+        print(json.dumps(report, indent=2))
+    else:
+        (console or Console()).print(render_lineage(report))
+    return 0
+
+
+def quiet_mlflow_logs() -> None:
+    """Silence MLflow's database-migration chatter (alembic INFO lines) on the console."""
+    import logging
+
+    for logger in ("alembic", "mlflow.store.db.utils", "mlflow.store.model_registry.abstract_store"):
+        logging.getLogger(logger).setLevel(logging.WARNING)
+
+
+def local_path(source: str) -> Path | None:
+    """The local folder a version source names (a path or a file:// URI), or None for a remote URI."""
+    parsed = urlparse(source)
+    if parsed.scheme == "file":
+        return Path(unquote(parsed.path))
+    if parsed.scheme == "" or (len(parsed.scheme) == 1 and source[1:3] in (":\\", ":/")):  # a path (or C:\...)
+        return Path(source)
+    return None
+
+
+def resolve_version(uri: str, tracking_uri: str):
+    """The ModelVersion named by ``models:/NAME/<n>``, ``models:/NAME/latest`` or ``models:/NAME@alias``."""
+    m = _URI.match(uri)
+    if m is None:
+        raise ValueError(f"not a model version URI: {uri!r} (expected models:/NAME/<version> or models:/NAME@alias)")
+    name, version, alias = m["name"], m["version"], m["alias"]
+    client = client_for(tracking_uri)
+    try:
+        client.get_registered_model(name)
+    except MlflowException as e:
+        if e.error_code == "RESOURCE_DOES_NOT_EXIST":
+            raise _missing_model(name, tracking_uri) from None
+        raise
+    if version is not None and version.lower() == LATEST:
+        alias = LATEST
+    if alias is not None:
+        mv = by_alias(client, name, alias)
+        if mv is None:
+            raise LookupError(f"model {name!r} has no alias @{alias} at {tracking_uri}")
+        return mv
+    try:
+        return client.get_model_version(name, version)
+    except MlflowException:
+        raise LookupError(f"model {name!r} has no version {version} at {tracking_uri}") from None
+
+
+def load_version(uri: str, tracking_uri: str, dst_path: str | Path | None = None) -> Path:
+    """The local folder of a registered version, for ``gorp.models.load_model``; a remote source is downloaded."""
+    import mlflow.artifacts
+
+    mv = resolve_version(uri, tracking_uri)
+    path = local_path(mv.source)
+    if path is not None:
+        if not path.is_dir():
+            raise FileNotFoundError(
+                f"{uri} (version {mv.version}) points at {str(path)!r}, which no longer exists; the run directory "
+                "was moved or deleted"
+            )
+        return path
+    dst = None if dst_path is None else str(dst_path)
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=mv.source, tracking_uri=tracking_uri, dst_path=dst))
