@@ -2,9 +2,9 @@
 
     python examples/gorp_only.py [--methods full,lora,gorp] [--steps 120]
 
-Each task maps its own key tokens to shared value tokens by a random permutation; the task id is the first token. A model
-that learns task 2 by overwriting what it learned for task 1 forgets it; the printed accuracy matrices and BWT show how
-much each method forgets. It runs on a CPU in about a minute.
+Each task maps its own key tokens to shared value tokens by a random permutation; the task id is the first token.
+A model that learns task 2 by overwriting what it learned for task 1 forgets it; the printed accuracy matrices and
+BWT show how much each method forgets. It runs on a CPU in about a minute.
 """
 
 from __future__ import annotations

