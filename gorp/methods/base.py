@@ -56,6 +56,21 @@ class MethodArgs:
                     raise ValueError(f"{f.name} must be a positive integer, got {v!r}")
 
 
+@dataclasses.dataclass
+class LoraArgs(MethodArgs):
+    """Hyperparameters of methods that train PEFT LoRA adapters (on the attention query/value projections)."""
+
+    lr: float = 1e-3
+    lora_r: int = 8
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+
+
 class ContinualMethod:
     """Base class: subclasses set ``name`` and ``Args`` and override the hooks they need."""
 
@@ -139,6 +154,16 @@ class ContinualMethod:
         method.tasks_seen = int(meta["tasks_seen"])
         method.load_state_tensors(load_file(str(folder / STATE_FILE)))
         return method
+
+
+class AdamWMethod(ContinualMethod):
+    """A method whose trainable parameters all go to one torch AdamW (the baselines)."""
+
+    def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
+        return [{"params": [p for p in model.parameters() if p.requires_grad]}]
+
+    def make_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.param_groups(model), lr=self.args.lr, weight_decay=self.args.weight_decay)
 
 
 # -------------------------------------------------------------------- shared helpers

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
-from gorp.methods.base import BatchSource, ContinualMethod, MethodArgs
+from gorp.methods.base import AdamWMethod, BatchSource, MethodArgs
 
 
-class Full(ContinualMethod):
+class Full(AdamWMethod):
     name = "full"
     Args = MethodArgs
 
@@ -16,9 +15,3 @@ class Full(ContinualMethod):
         for p in model.parameters():
             p.requires_grad_(True)
         return model
-
-    def param_groups(self, model: nn.Module) -> list[dict]:
-        return [{"params": [p for p in model.parameters() if p.requires_grad]}]
-
-    def make_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(self.param_groups(model), lr=self.args.lr, weight_decay=self.args.weight_decay)

@@ -24,7 +24,7 @@ from gorp.memory import TaskMemory
 from gorp.methods.base import (
     BatchSource,
     ContinualMethod,
-    MethodArgs,
+    LoraArgs,
     add_lora,
     freeze_all,
     lora_pairs,
@@ -36,12 +36,9 @@ from gorp.optim import ProjAdamW
 
 
 @dataclasses.dataclass
-class GorpArgs(MethodArgs):
+class GorpArgs(LoraArgs):
     lr: float = 1e-3  # LoRA learning rate
     full_rank_lr: float = 1e-5
-    lora_r: int = 8
-    lora_alpha: float = 32.0
-    lora_dropout: float = 0.1
     rank: int = 8  # projection rank of the full-rank weights
     update_gap: int = 10  # refresh interval T
     scale: float = 0.25
@@ -56,8 +53,6 @@ class GorpArgs(MethodArgs):
         super().__post_init__()
         if not 0.0 < self.memory_threshold <= 1.0:
             raise ValueError(f"memory_threshold must be in (0, 1], got {self.memory_threshold}")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
 
 
 class Gorp(ContinualMethod):

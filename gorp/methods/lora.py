@@ -13,9 +13,9 @@ import torch
 from torch import nn
 
 from gorp.methods.base import (
+    AdamWMethod,
     BatchSource,
-    ContinualMethod,
-    MethodArgs,
+    LoraArgs,
     add_lora,
     freeze_all,
     lora_pairs,
@@ -24,17 +24,13 @@ from gorp.methods.base import (
 
 
 @dataclasses.dataclass
-class LoraArgs(MethodArgs):
-    lr: float = 1e-3
-    lora_r: int = 8
-    lora_alpha: float = 32.0
-    lora_dropout: float = 0.1
+class SeqLoraArgs(LoraArgs):
     continue_adapter: bool = True
 
 
-class Lora(ContinualMethod):
+class Lora(AdamWMethod):
     name = "lora"
-    Args = LoraArgs
+    Args = SeqLoraArgs
 
     def __init__(self, **hparams):
         super().__init__(**hparams)
@@ -59,12 +55,6 @@ class Lora(ContinualMethod):
                     A.copy_(self.adapter[f"{m}.lora_A"])
                     B.copy_(self.adapter[f"{m}.lora_B"])
         return model
-
-    def param_groups(self, model: nn.Module) -> list[dict]:
-        return [{"params": [p for p in model.parameters() if p.requires_grad]}]
-
-    def make_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(self.param_groups(model), lr=self.args.lr, weight_decay=self.args.weight_decay)
 
     def _capture(self, pairs: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
         if self.args.continue_adapter:

@@ -13,15 +13,11 @@ import dataclasses
 import torch
 from torch import nn
 
-from gorp.methods.base import BatchSource, ContinualMethod, MethodArgs, add_lora, freeze_all, lora_pairs
+from gorp.methods.base import AdamWMethod, BatchSource, LoraArgs, add_lora, freeze_all, lora_pairs
 
 
 @dataclasses.dataclass
-class OloraArgs(MethodArgs):
-    lr: float = 1e-3
-    lora_r: int = 8
-    lora_alpha: float = 32.0
-    lora_dropout: float = 0.1
+class OloraArgs(LoraArgs):
     lambda1: float = 0.5
     lambda2: float = 0.0
 
@@ -37,7 +33,7 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
-class Olora(ContinualMethod):
+class Olora(AdamWMethod):
     name = "olora"
     Args = OloraArgs
 
@@ -49,12 +45,6 @@ class Olora(ContinualMethod):
         a = self.args
         freeze_all(model)
         return add_lora(model, self.targets(model).lora, a.lora_r, a.lora_alpha, a.lora_dropout)
-
-    def param_groups(self, model: nn.Module) -> list[dict]:
-        return [{"params": [p for p in model.parameters() if p.requires_grad]}]
-
-    def make_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(self.param_groups(model), lr=self.args.lr, weight_decay=self.args.weight_decay)
 
     def extra_loss(self, model: nn.Module) -> torch.Tensor | None:
         a = self.args

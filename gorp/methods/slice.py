@@ -17,10 +17,10 @@ import torch
 from torch import nn
 
 from gorp.methods.base import (
+    AdamWMethod,
     Batch,
     BatchSource,
-    ContinualMethod,
-    MethodArgs,
+    LoraArgs,
     add_lora,
     freeze_all,
     lora_pairs,
@@ -29,10 +29,7 @@ from gorp.methods.base import (
 
 
 @dataclasses.dataclass
-class SliceArgs(MethodArgs):
-    lr: float = 1e-3
-    lora_r: int = 8
-    lora_alpha: float = 32.0
+class SliceArgs(LoraArgs):
     lora_dropout: float = 0.0
     surgery: float = 1.0  # c
     init_batches: int = 4
@@ -61,7 +58,7 @@ def gradient_surgery(g_c: torch.Tensor, g_r: torch.Tensor, c: float = 1.0) -> tu
     return g_c - c * dot / g_r.square().sum().clamp_min(1e-30) * g_r, cos, True
 
 
-class Slice(ContinualMethod):
+class Slice(AdamWMethod):
     name = "slice"
     Args = SliceArgs
 
@@ -118,12 +115,6 @@ class Slice(ContinualMethod):
                 base = model.get_submodule(f"base_model.model.{m}").base_layer.weight
                 base -= (s * (b_init @ a_init)).to(base.dtype)
         return model
-
-    def param_groups(self, model: nn.Module) -> list[dict]:
-        return [{"params": [p for p in model.parameters() if p.requires_grad]}]
-
-    def make_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(self.param_groups(model), lr=self.args.lr, weight_decay=self.args.weight_decay)
 
     def end_task(self, model: nn.Module, optimizer, *, batches: BatchSource | None = None):
         """Keep ``replay_per_task`` samples of this task (padded to a common length) for later tasks' surgery."""
