@@ -51,10 +51,13 @@ def run(
         "--resume",
         help="continue the sequence: skip completed stages, resume the interrupted one from its last checkpoint",
     ),
+    restart: bool = typer.Option(
+        False, "--restart", help="start a new sequence even if an interrupted one with this configuration exists"
+    ),
 ) -> None:
     """Train the stream's tasks in order, evaluating after every stage on every task seen so far."""
     from pipelines.data import DataError
-    from pipelines.driver import StageFailed, run_stream
+    from pipelines.driver import SequenceExists, StageFailed, run_stream
 
     spec = _load(stream)
     if method is not None:
@@ -65,11 +68,11 @@ def run(
             raise typer.Exit(2)
     t = time.perf_counter()
     try:
-        results = run_stream(spec, method=method, run_dir=run_dir, resume=resume, console=console)
+        results = run_stream(spec, method=method, run_dir=run_dir, resume=resume, restart=restart, console=console)
     except DataError as e:
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from None
-    except StageFailed as e:
+    except (StageFailed, SequenceExists) as e:
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(1) from None
     out = Path(run_dir or spec.run_dir)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import threading
 import time
 import traceback
@@ -31,6 +32,10 @@ class StageFailed(RuntimeError):
     """A stage failed; earlier stages stay recorded and promotable."""
 
 
+class SequenceExists(RuntimeError):
+    """An interrupted sequence with the same configuration exists: resume it or restart explicitly."""
+
+
 def config_hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
@@ -41,10 +46,16 @@ def init_ray(num_cpus: int | None = None) -> float:
 
     t = time.perf_counter()
     if not ray.is_initialized():
-        ray.init(num_cpus=num_cpus, dashboard_host="127.0.0.1", log_to_driver=False)
+        # RAY_ADDRESS (set by `ray job submit`, or by hand) attaches to that cluster; otherwise always a fresh local
+        # one, never whichever other Ray instance happens to run on this machine
+        address = None if os.environ.get("RAY_ADDRESS") else "local"
+        ray.init(address=address, num_cpus=num_cpus, dashboard_host="127.0.0.1", log_to_driver=False)
+        import logging
+
         import ray.data
 
         ray.data.DataContext.get_current().enable_progress_bars = False
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
     return time.perf_counter() - t
 
 
@@ -68,6 +79,7 @@ def run_stream(
     method: str | None = None,
     run_dir: str | Path | None = None,
     resume: bool = False,
+    restart: bool = False,
     console=None,
 ) -> dict[str, Any]:
     """Train the stream's tasks in order; returns the results dict (also ``<run_dir>/results.json``)."""
@@ -96,8 +108,14 @@ def run_stream(
     timings["data_s"] = time.perf_counter() - t0
     names = [task.name for task in stream.tasks]
     n_tasks = len(names)
+    cap = stream.training.max_eval_examples
     eval_sets = {
-        p.name: {**p.eval_set, "max_prompt_tokens": t.max_source_tokens}
+        p.name: {
+            **p.eval_set,
+            "prompts": p.eval_set["prompts"][:cap],
+            "answers": p.eval_set["answers"][:cap],
+            "max_prompt_tokens": t.max_source_tokens,
+        }
         for p, t in zip(prepared, stream.tasks, strict=True)
     }
 
@@ -108,6 +126,14 @@ def run_stream(
     lin = Lineage(tracking_uri, ml.experiment, aa_tolerance=ml.aa_tolerance, new_task_floor=ml.new_task_floor)
     resolved = {**stream.model_dump(mode="json"), "method": method, "method_args": method_args}
     chash = config_hash(resolved)
+    existing = lin.find_sequence(stream.name, chash)
+    if existing is not None and not (resume or restart):
+        if len(lin.completed_stages(existing)) < n_tasks:
+            raise SequenceExists(
+                f"{stream.name}: an interrupted sequence with this configuration exists (MLflow run {existing} at "
+                f"{tracking_uri}); continue it with `gorp run --resume`, or start a new one with `--restart`"
+            )
+        resume = True  # complete: the resume path below says so and does nothing
     parent = lin.start_sequence(stream.name, chash, resolved, resume=resume)
     done = lin.completed_stages(parent) if resume else {}
     start = 0
@@ -144,6 +170,7 @@ def run_stream(
         "trust_remote_code": stream.trust_remote_code,
         "eval_sets": eval_sets,
         "eval_batch_size": tc.eval_batch_size,
+        "faults": json.loads(os.environ.get("GORP_FAULTS", "{}")),  # fault injection for recovery tests
         "stages": [
             {
                 "stage": t,

@@ -151,24 +151,28 @@ class Lineage:
         resolved stream config: logged as params and as ``stream.json``. With ``resume``, the newest parent run with
         this config hash is reopened instead of creating another one."""
         exp_id = self._experiment_id(self.experiment or stream_name)
-        run_id = None
-        if resume:
-            found = self.client.search_runs(
-                [exp_id],
-                f"tags.`gorp.kind` = 'sequence' and tags.`gorp.config_hash` = '{config_hash}'",
-                order_by=["attributes.start_time DESC"],
-                max_results=1,
-            )
-            if found:
-                run_id = found[0].info.run_id
-                if found[0].info.status != "RUNNING":
-                    self.client.update_run(run_id, status="RUNNING")
+        run_id = self.find_sequence(stream_name, config_hash) if resume else None
+        if run_id is not None and self.client.get_run(run_id).info.status != "RUNNING":
+            self.client.update_run(run_id, status="RUNNING")
         if run_id is None:
             tags = {"gorp.kind": "sequence", "gorp.stream": stream_name, "gorp.config_hash": config_hash}
             run_id = self.client.create_run(exp_id, tags=tags, run_name=f"{stream_name}-{config_hash}").info.run_id
             self.client.log_dict(run_id, params, "stream.json")
         self._log_params(run_id, params)
         return run_id
+
+    def find_sequence(self, stream_name: str, config_hash: str) -> str | None:
+        """The newest parent run of this stream with this config hash, or None."""
+        exp = self.client.get_experiment_by_name(self.experiment or stream_name)
+        if exp is None:
+            return None
+        found = self.client.search_runs(
+            [exp.experiment_id],
+            f"tags.`gorp.kind` = 'sequence' and tags.`gorp.config_hash` = '{config_hash}'",
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        )
+        return found[0].info.run_id if found else None
 
     def finish_sequence(self, parent_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(parent_id, status)

@@ -175,6 +175,7 @@ def run_stage(common: dict[str, Any], st: dict[str, Any], resume: Path | None) -
     work_dir = Path(tempfile.mkdtemp(prefix=f"gorp-stage{st['stage']}-rank{rank}-"))
     tcfg = common["training"]
     fsdp = world > 1 and common.get("fsdp", True)
+    t_setup = time.perf_counter()
     model, tokenizer, method = _build(config)
     metrics: dict[str, Any] = {"stage": st["stage"], "task": st["task"]}
     eval_bs = int(common.get("eval_batch_size", 16))
@@ -200,6 +201,7 @@ def run_stage(common: dict[str, Any], st: dict[str, Any], resume: Path | None) -
     start = 0
     if resume is not None:
         start = load_checkpoint(resume, model, optimizer)
+    setup_s = time.perf_counter() - t_setup - metrics.get("zero_shot_s", 0.0)  # load, adapters, shard, optimizer
     progress = out_dir.parent / PROGRESS_FILE
     if rank == 0:
         progress.parent.mkdir(parents=True, exist_ok=True)
@@ -210,7 +212,11 @@ def run_stage(common: dict[str, Any], st: dict[str, Any], resume: Path | None) -
         if step < start:
             continue  # the same deterministic order: skip what the checkpoint already covers
         loss = _all_mean(train_step(model, method, optimizer, _local_slice(batch, rank, world), tcfg.get("grad_clip")))
-        if not math.isfinite(loss) or os.environ.get("GORP_INJECT_NAN") == f"{st['task']}:{step}":
+        faults = common.get("faults") or {}
+        time.sleep(float(faults.get("step_sleep", 0.0)))  # injected (recovery tests): a slower step
+        if faults.get("nan") == f"{st['task']}:{step}":
+            loss = float("nan")  # injected (recovery tests): as if the batch had blown up
+        if not math.isfinite(loss):
             raise FloatingPointError(
                 f"stage {st['stage']} ({st['task']}): the loss is {loss if math.isfinite(loss) else 'not finite'} at "
                 f"step {step}; lower the learning rate or check the data. No model version is created for this stage."
@@ -230,6 +236,7 @@ def run_stage(common: dict[str, Any], st: dict[str, Any], resume: Path | None) -
             )
     train_s = time.perf_counter() - t_train
 
+    t_final = time.perf_counter()
     method.end_task(model, optimizer, batches=first_batches)
     sd = full_state_dict(model) if fsdp else model.state_dict()
     plain = method.finalize_state_dict({k: v.detach().clone() for k, v in sd.items()})
@@ -244,6 +251,7 @@ def run_stage(common: dict[str, Any], st: dict[str, Any], resume: Path | None) -
         method.save(tmp)
         shutil.rmtree(out_dir, ignore_errors=True)
         os.replace(tmp, out_dir)
+    finalize_s = time.perf_counter() - t_final
     t_eval = time.perf_counter()
     row = _evaluate(merged, tokenizer, common["eval_sets"], st["eval_tasks"], eval_bs)
     metrics.update(
@@ -251,7 +259,9 @@ def run_stage(common: dict[str, Any], st: dict[str, Any], resume: Path | None) -
         losses=losses,
         steps=steps,
         resumed_from=start,
+        setup_s=setup_s,
         train_s=train_s,
+        finalize_s=finalize_s,
         eval_s=time.perf_counter() - t_eval,
         tokens_per_s=tokens / train_s if train_s else 0.0,
         world_size=world,

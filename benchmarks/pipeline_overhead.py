@@ -1,0 +1,177 @@
+"""What the Ray pipeline costs next to a plain single-process PyTorch loop doing the same training and evaluation.
+
+    python benchmarks/pipeline_overhead.py [--stream examples/quickstart.yaml] [--steps 15] [--eval 48] [--json out]
+
+Both sides train the same tasks for the same steps on the same batches (file order) with the same method, and score
+the same test examples (zero-shot once, then every task seen so far and the next after each stage). The pipeline's
+wall time is split into Ray start, data preparation (Ray Data), bookkeeping (MLflow, driver), worker start-up,
+stage setup (load, adapters, optimizer), training, finalize (merge + save) and evaluation; it prints the ratio of the
+totals. Model preparation (the demo model's conversion) is done before either side is timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def plain_loop(stream, model_dir: Path, steps: int, cap: int) -> dict[str, float]:
+    """The same work without Ray or MLflow: tokenize in-process, train, merge, evaluate."""
+    import pyarrow as pa
+    import torch
+
+    from gorp.loop import train_step
+    from gorp.methods import build_method
+    from gorp.models import load_model
+    from pipelines.data import BadRecord, Encoder, PadCollate, format_prompt, load_eval_set, scan_records
+    from pipelines.evaluate import evaluate_task
+
+    torch.set_num_threads(int(stream.scaling.cpus_per_worker))
+    out = {"data_s": 0.0, "setup_s": 0.0, "train_s": 0.0, "finalize_s": 0.0, "eval_s": 0.0}
+    t = time.perf_counter()
+    model, tok = load_model(model_dir)
+    batches, evals = [], {}
+    for task in stream.tasks:
+        enc = Encoder(tok, max_source_tokens=task.max_source_tokens, max_target_tokens=task.max_target_tokens)
+        recs = [
+            r for r in scan_records(task.train, task.columns.model_dump(), task.labels) if not isinstance(r, BadRecord)
+        ]
+        ex = enc.examples(
+            [format_prompt(r["instruction"], r["input"], task.labels) for r in recs], [r["output"] for r in recs]
+        )
+        table = pa.table({"input_ids": ex["input_ids"], "labels": ex["labels"]})
+        collate, bs = PadCollate(tok.pad_token_id), stream.training.batch_size
+        batches.append([collate(table.slice(i * bs, bs)) for i in range(steps)])
+        es = load_eval_set(task, tempfile.mkdtemp())
+        evals[task.name] = {**es, "prompts": es["prompts"][:cap], "answers": es["answers"][:cap]}
+    out["data_s"] = time.perf_counter() - t
+    names = [task.name for task in stream.tasks]
+
+    def evaluate(m, which):
+        t0 = time.perf_counter()
+        for n in which:
+            e = evals[n]
+            evaluate_task(
+                m,
+                tok,
+                e["prompts"],
+                e["answers"],
+                metric=e["metric"],
+                labels=e["labels"],
+                batch_size=stream.training.eval_batch_size,
+                max_prompt_tokens=64,
+            )
+        out["eval_s"] += time.perf_counter() - t0
+
+    evaluate(model, names)
+    method = build_method(stream.method, **stream.method_args)
+    for t_idx in range(len(names)):
+        t0 = time.perf_counter()
+        torch.manual_seed(stream.training.seed + t_idx)
+        model = method.setup_task(model, t_idx, batches=lambda t_idx=t_idx: iter(batches[t_idx][:8]))
+        opt = method.make_optimizer(model)
+        out["setup_s"] += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        model.train()
+        for b in batches[t_idx]:
+            train_step(model, method, opt, b, stream.training.grad_clip)
+        out["train_s"] += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        method.end_task(model, opt)
+        model = method.finalize(model)
+        folder = Path(tempfile.mkdtemp()) / "model"
+        model.save_pretrained(folder, safe_serialization=True)
+        tok.save_pretrained(folder)
+        method.save(folder)
+        out["finalize_s"] += time.perf_counter() - t0
+        evaluate(model, names[: t_idx + 2])
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--stream", default="examples/quickstart.yaml")
+    ap.add_argument("--steps", type=int, default=15, help="training steps per stage (both sides)")
+    ap.add_argument("--eval", type=int, default=48, help="test examples per task (both sides)")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from pipelines.demo_model import resolve_model
+    from pipelines.driver import run_stream
+    from pipelines.spec import load_stream
+
+    console = Console(width=130)
+    stream = load_stream(args.stream)
+    stream.training.max_steps = args.steps
+    stream.training.max_eval_examples = args.eval
+    model_dir = resolve_model(stream.model, console=console)
+
+    run_dir = Path(tempfile.mkdtemp(prefix="gorp-overhead-"))
+    t = time.perf_counter()
+    run_stream(stream, run_dir=run_dir, restart=True, console=console)
+    pipeline_total = time.perf_counter() - t
+    timings = json.loads((run_dir / "timings.json").read_text())
+    stages = [json.loads(p.read_text()) for p in sorted(run_dir.glob("sequences/*/*/model/stage.json"))]
+    parts = {k: sum(s.get(k, 0.0) for s in stages) for k in ("setup_s", "train_s", "finalize_s", "eval_s")}
+    parts["eval_s"] += sum(s.get("zero_shot_s", 0.0) for s in stages)
+    worker_start = timings["fit_s"] - sum(parts.values())
+    pipe = {
+        "ray_start_s": timings["ray_start_s"],
+        "data_s": timings["data_s"],
+        "bookkeeping_s": timings["bookkeeping_s"]
+        + max(
+            0.0,
+            pipeline_total - timings["fit_s"] - timings["ray_start_s"] - timings["data_s"] - timings["bookkeeping_s"],
+        ),
+        "worker_start_s": worker_start,
+        **parts,
+    }
+    with console.status("plain single-process loop ..."):
+        t = time.perf_counter()
+        plain = plain_loop(stream, model_dir, args.steps, args.eval)
+        plain_total = time.perf_counter() - t
+
+    table = Table(
+        title=f"{stream.name}: {len(stream.tasks)} stages x {args.steps} steps, {args.eval} test examples/task"
+    )
+    for col in ("part", "pipeline s", "plain loop s"):
+        table.add_column(col, justify="right")
+    for key in (
+        "ray_start_s",
+        "data_s",
+        "bookkeeping_s",
+        "worker_start_s",
+        "setup_s",
+        "train_s",
+        "finalize_s",
+        "eval_s",
+    ):
+        table.add_row(key[:-2], f"{pipe.get(key, 0.0):.1f}", f"{plain.get(key, 0.0):.1f}" if key in plain else "-")
+    table.add_row("[bold]total", f"[bold]{pipeline_total:.1f}", f"[bold]{plain_total:.1f}")
+    console.print(table)
+    ratio = pipeline_total / plain_total
+    console.print(f"pipeline / plain loop: {ratio:.3f}x (target <= 1.15x)")
+    if args.json:
+        args.json.write_text(
+            json.dumps(
+                {
+                    "pipeline": {**pipe, "total_s": pipeline_total},
+                    "plain": {**plain, "total_s": plain_total},
+                    "ratio": ratio,
+                },
+                indent=1,
+            )
+        )
+
+
+if __name__ == "__main__":
+    main()
