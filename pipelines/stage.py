@@ -162,6 +162,7 @@ def _evaluate(model, tokenizer, eval_sets: dict[str, dict], names: list[str], ba
 
 def run_stage(common: dict[str, Any], st: dict[str, Any], resume: Path | None) -> dict[str, Any]:
     """Train, merge, save and evaluate one stage on this worker; ``resume``: a checkpoint folder of this stage."""
+    import ray
     import ray.train
     from ray.train import Checkpoint
 
@@ -266,12 +267,18 @@ def run_stage(common: dict[str, Any], st: dict[str, Any], resume: Path | None) -
         tokens_per_s=tokens / train_s if train_s else 0.0,
         world_size=world,
     )
+    nodes = [ray.get_runtime_context().get_node_id()]
+    if world > 1:
+        gathered: list = [None] * world
+        dist.all_gather_object(gathered, nodes[0])
+        nodes = gathered
+    metrics["nodes"] = nodes  # the Ray node of each rank
     shutil.rmtree(work_dir, ignore_errors=True)
     if rank == 0:  # written last: its presence marks the stage complete
         tmp_file = out_dir / (STAGE_FILE + ".tmp")
         tmp_file.write_text(json.dumps(metrics, indent=1))
         os.replace(tmp_file, out_dir / STAGE_FILE)
-    ray.train.report({k: v for k, v in metrics.items() if k not in ("losses", "row", "zero_shot")})
+    ray.train.report({k: v for k, v in metrics.items() if k not in ("losses", "row", "zero_shot", "nodes")})
     return metrics
 
 

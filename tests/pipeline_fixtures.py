@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import yaml
+
 from helpers_tokenizer import make_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]

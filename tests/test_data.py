@@ -13,10 +13,10 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 import torch
-from helpers_tokenizer import make_tokenizer
 from transformers import AutoTokenizer
 
 import pipelines.data as data
+from helpers_tokenizer import make_tokenizer
 from pipelines.data import (
     IGNORE_INDEX,
     DataError,

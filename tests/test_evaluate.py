@@ -7,10 +7,10 @@ import math
 
 import pytest
 import torch
-from helpers_tokenizer import make_tokenizer
 from transformers import AutoTokenizer
 
 from gorp.models import tiny_llama, tiny_t5
+from helpers_tokenizer import make_tokenizer
 from pipelines.evaluate import (
     EvalResult,
     _clean_prediction,

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import socket
 
-import fsdp_worker
 import pytest
 import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
+
+import fsdp_worker
 
 
 def _free_port() -> int:

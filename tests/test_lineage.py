@@ -11,11 +11,11 @@ import logging
 import mlflow
 import pytest
 import torch
-from helpers_tokenizer import make_tokenizer
 from mlflow import MlflowClient
 from rich.console import Console
 
 from gorp.models import load_model, tiny_llama
+from helpers_tokenizer import make_tokenizer
 from pipelines.lineage import DataRef, Lineage, gate, lineage_command, lineage_report, load_version, tracking_uri_for
 from pipelines.registry import gate_reason, render_lineage
 

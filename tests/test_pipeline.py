@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import ray
 import torch
-from pipeline_fixtures import make_stream
 from safetensors.torch import load_file
 
 from gorp.metrics import summarize
+from pipeline_fixtures import make_stream
 from pipelines.driver import run_stream
 from pipelines.spec import load_stream
 

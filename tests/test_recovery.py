@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import ray
 from mlflow import MlflowClient
-from pipeline_fixtures import make_stream
 from typer.testing import CliRunner
 
+from pipeline_fixtures import make_stream
 from pipelines.driver import StageFailed, run_stream
 from pipelines.lineage import lineage_report, load_version, tracking_uri_for
 from pipelines.spec import load_stream

@@ -173,8 +173,9 @@ def test_skip_mode_counts_and_plan_prints(tmp_path):
 
 
 def test_token_estimate_with_a_tokenizer(tmp_path):
-    from helpers_tokenizer import make_tokenizer
     from transformers import AutoTokenizer
+
+    from helpers_tokenizer import make_tokenizer
 
     stream = load_stream(_write(tmp_path, _stream(tmp_path, max_source_tokens=12)))
     corpus = [json.dumps(_record(i)) for i in range(6)] + ["Input Answer Options :"]
