@@ -26,12 +26,19 @@ def _load(stream_path: Path):
 @app.command()
 def validate(stream: Path = typer.Argument(..., help="the stream YAML")) -> None:
     """Check a stream without training: files, records, columns, labels, token lengths; print the plan."""
-    from pipelines.data import DataError
+    from pipelines.data import DataError, load_tokenizer
+    from pipelines.demo_model import DEMO_MODELS, demo_model_dir
     from pipelines.spec import check_stream
 
     spec = _load(stream)
+    folder = demo_model_dir(spec.model) if spec.model in DEMO_MODELS else Path(spec.model)
+    tokenizer = None  # token lengths need the tokenizer: used when the model folder is already there
+    if (folder / "tokenizer_config.json").exists():
+        tokenizer = load_tokenizer(folder, trust_remote_code=spec.trust_remote_code)
+    else:
+        console.print(f"[yellow]note:[/yellow] {folder} is not prepared yet: token lengths are not estimated")
     try:
-        plan = check_stream(spec)
+        plan = check_stream(spec, tokenizer)
     except (DataError, FileNotFoundError, ValueError) as e:
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from None
