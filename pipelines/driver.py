@@ -126,16 +126,16 @@ def run_stream(
     lin = Lineage(tracking_uri, ml.experiment, aa_tolerance=ml.aa_tolerance, new_task_floor=ml.new_task_floor)
     resolved = {**stream.model_dump(mode="json"), "method": method, "method_args": method_args}
     chash = config_hash(resolved)
-    existing = lin.find_sequence(stream.name, chash)
-    if existing is not None and not (resume or restart):
-        if len(lin.completed_stages(existing)) < n_tasks:
+    existing = None if restart else lin.find_sequence(stream.name, chash)
+    done = lin.completed_stages(existing) if existing is not None else {}
+    if existing is not None and not resume:
+        if len(done) < n_tasks:
             raise SequenceExists(
                 f"{stream.name}: an interrupted sequence with this configuration exists (MLflow run {existing} at "
                 f"{tracking_uri}); continue it with `gorp run --resume`, or start a new one with `--restart`"
             )
         resume = True  # complete: the resume path below says so and does nothing
-    parent = lin.start_sequence(stream.name, chash, resolved, resume=resume)
-    done = lin.completed_stages(parent) if resume else {}
+    parent = lin.start_sequence(stream.name, chash, resolved, resume=resume and existing is not None)
     start = 0
     while start in done:
         start += 1

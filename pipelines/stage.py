@@ -1,10 +1,11 @@
 """One continual stage on a Ray Train worker group: load the previous stage, train one task, merge, evaluate, save.
 
-``stage_loop(config)`` is the ``train_loop_per_worker`` of a :class:`ray.train.torch.TorchTrainer`. It reads top to
-bottom: build the model and the method from the previous stage's folder, shard with FSDP2 when there is more than one
-worker, train with periodic sharded checkpoints (``torch.distributed.checkpoint`` for the model, one safetensors file
-per rank for the optimizer), fold the task into the method's memory, gather and merge the weights, save the stage's
-model folder (rank 0), and evaluate on every task seen so far plus the next one (for forward transfer).
+``sequence_loop(config)`` is the ``train_loop_per_worker`` of a :class:`ray.train.torch.TorchTrainer`; it runs
+``run_stage`` for each stage in order. A stage reads top to bottom: build the model and the method from the previous
+stage's folder, shard with FSDP2 when there is more than one worker, train with periodic sharded checkpoints
+(``torch.distributed.checkpoint`` for the model, one safetensors file per rank for the optimizer), fold the task into
+the method's memory, gather and merge the weights, save the stage's model folder (rank 0), and evaluate on every task
+seen so far plus the next one (for forward transfer).
 
 Data: every worker iterates the *whole* training dataset in the same seeded order and keeps its slice of each global
 batch. So every rank runs the same number of steps, and the global batches (hence the loss curve) are the same for any
@@ -83,8 +84,7 @@ def save_checkpoint(folder: Path, model, optimizer, step: int, stage: int) -> No
         f"{pid}/{k}": v.contiguous() for pid, st in sd["state"].items() for k, v in st.items() if torch.is_tensor(v)
     }
     save_file(tensors, str(folder / f"optim-rank{rank}.safetensors"))
-    groups = [{k: v for k, v in g.items()} for g in sd["param_groups"]]
-    (folder / f"optim-rank{rank}.json").write_text(json.dumps({"param_groups": groups, "world": world}))
+    (folder / f"optim-rank{rank}.json").write_text(json.dumps({"param_groups": sd["param_groups"], "world": world}))
     if rank == 0:
         (folder / "progress.json").write_text(json.dumps({"stage": stage, "step": step, "world": world}))
 
@@ -208,19 +208,21 @@ def run_stage(common: dict[str, Any], st: dict[str, Any], resume: Path | None) -
         progress.parent.mkdir(parents=True, exist_ok=True)
     losses, tokens, t_train = [], 0, time.perf_counter()
     every = int(tcfg.get("checkpoint_every") or 0)
+    faults = common.get("faults") or {}  # injected by the recovery tests
+    step_sleep = float(faults.get("step_sleep", 0.0))
     model.train()
     for step, batch in enumerate(global_batches(dataset, batch_size, steps, pad)):
         if step < start:
             continue  # the same deterministic order: skip what the checkpoint already covers
         loss = _all_mean(train_step(model, method, optimizer, _local_slice(batch, rank, world), tcfg.get("grad_clip")))
-        faults = common.get("faults") or {}
-        time.sleep(float(faults.get("step_sleep", 0.0)))  # injected (recovery tests): a slower step
+        if step_sleep:
+            time.sleep(step_sleep)  # a slower step
         if faults.get("nan") == f"{st['task']}:{step}":
-            loss = float("nan")  # injected (recovery tests): as if the batch had blown up
+            loss = float("nan")  # as if the batch had blown up
         if not math.isfinite(loss):
             raise FloatingPointError(
-                f"stage {st['stage']} ({st['task']}): the loss is {loss if math.isfinite(loss) else 'not finite'} at "
-                f"step {step}; lower the learning rate or check the data. No model version is created for this stage."
+                f"stage {st['stage']} ({st['task']}): the loss is not finite at step {step}; lower the learning rate "
+                "or check the data. No model version is created for this stage."
             )
         losses.append(loss)
         tokens += int(batch["attention_mask"].sum())
@@ -240,7 +242,7 @@ def run_stage(common: dict[str, Any], st: dict[str, Any], resume: Path | None) -
     t_final = time.perf_counter()
     method.end_task(model, optimizer, batches=first_batches)
     sd = full_state_dict(model) if fsdp else model.state_dict()
-    plain = method.finalize_state_dict({k: v.detach().clone() for k, v in sd.items()})
+    plain = method.finalize_state_dict({k: v.detach() for k, v in sd.items()})  # no copy: the model is dropped next
     del model, optimizer, sd
     merged, _ = load_model(config["prev_dir"], trust_remote_code=common.get("trust_remote_code", False))
     merged.load_state_dict(plain)
