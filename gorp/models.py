@@ -125,6 +125,13 @@ def load_model(
     return model, tokenizer
 
 
+def model_from_state_dict(cls: type, config, state_dict: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32):
+    """A model of class ``cls`` (a ``PreTrainedModel``) and ``config`` holding ``state_dict``'s tensors (not copies):
+    built on the meta device, so nothing is initialized twice and nothing is read from disk. Tied weights are tied,
+    non-persistent buffers (rotary frequencies) computed; in eval mode, like ``from_pretrained``."""
+    return cls.from_pretrained(None, config=config, state_dict=state_dict, dtype=dtype)
+
+
 def tiny_llama(
     seed: int = 0, *, vocab_size: int = 128, hidden: int = 32, layers: int = 2, heads: int = 4, intermediate: int = 64
 ) -> nn.Module:

@@ -1,14 +1,17 @@
-"""Ray Data preprocessing of one task split: validate, format, tokenize, cache, feed.
+"""Ray Data preprocessing of a stream's task splits: validate, format, tokenize, cache, feed.
 
-    file ──validate_file (records.py: errors named FILE:LINE, or counted + quarantined with on_bad_record: skip)
-         ──read_records: ray.data.read_json / read_csv / read_parquet──> Dataset[instruction, input, output]
-         ──map_batches(TokenizeBatch, actor pool: one tokenizer per actor)──> Dataset[input_ids, labels, ...]
-         ──write_parquet──> cache_dir/<key>/data     key = file sha256 + tokenizer + template + limits
-    train: get_dataset_shard(name) ──epoch_batches──> exactly `steps` padded batches on every rank
+    files ──validate_file (records.py: errors named FILE:LINE, or counted + quarantined with on_bad_record: skip)
+          ──read_records: ray.data.read_json / read_csv / read_parquet, one per file, tagged with its part number
+          ──union──map_batches(TokenizeBatch, actor pool: one tokenizer per actor, per-part limits)──> input_ids, labels
+          ──to_arrow_refs──> the driver writes cache_dir/<task>.<split>.<key>/data (Parquet) per part
+                             key = file sha256 + tokenizer + template + limits
+    train: PreparedSplit.dataset() (the cached rows, materialized) ──get_dataset_shard(name)──> padded batches
     tests / one process: iter_parquet_batches(path) over the same Parquet
 
-A re-run with the same file, tokenizer, template and limits loads the cached Parquet and tokenizes nothing
-(``PreparedSplit.cache_hit``).
+Every split missing from the cache goes through **one** Ray Data job (one actor pool, one tokenizer load per actor),
+not one job per task: on a small machine a job's fixed cost (executor, actor start-up, tokenizer import) is seconds,
+more than tokenizing a few thousand records. A re-run with the same file, tokenizer, template and limits loads the
+cached Parquet and tokenizes nothing (``PreparedSplit.cache_hit``).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -74,6 +78,7 @@ __all__ = [  # the validation half lives in pipelines.records and is re-exported
     "tokenizer_identity",
     "PreparedSplit",
     "prepare_split",
+    "prepare_splits",
     "PreparedTask",
     "prepare_stream",
     "load_eval_set",
@@ -192,33 +197,55 @@ def tokenizer_identity(tokenizer) -> dict[str, Any]:
     }
 
 
+PART = "_part"  # the column that tags each record with its split's index in a tokenization job
+
+
+@dataclass(frozen=True)
+class PartSpec:
+    """What tokenizing one split needs besides the tokenizer (one per part of a job)."""
+
+    source: str  # the data file, for error messages
+    labels: list[str] | None
+    max_source_tokens: int
+    max_target_tokens: int
+
+
 class TokenizeBatch:
-    """``map_batches`` UDF over canonical records; a class, so each actor of the pool loads the tokenizer once."""
+    """``map_batches`` UDF over canonical records tagged with ``PART``; a class, so each actor of the pool loads the
+    tokenizer once. Each part has its own labels and limits; a batch may span parts (small files are bundled)."""
 
     def __init__(
         self,
         tokenizer_path: str,
         *,
-        labels: list[str] | None,
-        max_source_tokens: int,
-        max_target_tokens: int,
+        parts: dict[int, PartSpec],
         seq2seq: bool = False,
         trust_remote_code: bool = False,
-        source: str = "",
     ):
         tokenizer = load_tokenizer(tokenizer_path, trust_remote_code=trust_remote_code)
-        self.encoder = Encoder(
-            tokenizer, max_source_tokens=max_source_tokens, max_target_tokens=max_target_tokens, seq2seq=seq2seq
-        )
-        self.labels, self.source = labels, source
+        self.parts = parts
+        self.encoders = {
+            i: Encoder(
+                tokenizer, max_source_tokens=p.max_source_tokens, max_target_tokens=p.max_target_tokens, seq2seq=seq2seq
+            )
+            for i, p in parts.items()
+        }
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        instructions, inputs, outputs = (batch.column(c).to_pylist() for c in FIELDS)
-        prompts = [format_prompt(i, x, self.labels) for i, x in zip(instructions, inputs, strict=True)]
-        try:
-            ex = self.encoder.examples(prompts, outputs)
-        except ValueError as e:
-            raise DataError(f"{self.source}: {e}") from None
+        tags = batch.column(PART).to_numpy()
+        cuts = [0, *(np.flatnonzero(np.diff(tags)) + 1).tolist(), len(tags)]  # runs of one part, in row order
+        ex: dict[str, list] = {"input_ids": [], "labels": [], "n_prompt_tokens": [], "truncated": []}
+        for a, b in zip(cuts[:-1], cuts[1:], strict=True):
+            part = self.parts[int(tags[a])]
+            rows = batch.slice(a, b - a)
+            instructions, inputs, outputs = (rows.column(c).to_pylist() for c in FIELDS)
+            prompts = [format_prompt(i, x, part.labels) for i, x in zip(instructions, inputs, strict=True)]
+            try:
+                run = self.encoders[int(tags[a])].examples(prompts, outputs)
+            except ValueError as e:
+                raise DataError(f"{part.source}: {e}") from None
+            for k, v in ex.items():
+                v.extend(run[k])
         ids = pa.list_(pa.int32())
         return pa.table(
             {
@@ -226,6 +253,7 @@ class TokenizeBatch:
                 "labels": pa.array(ex["labels"], ids),
                 "n_prompt_tokens": pa.array(ex["n_prompt_tokens"], pa.int32()),
                 "truncated": pa.array(ex["truncated"], pa.bool_()),
+                PART: batch.column(PART),
             }
         )
 
@@ -251,16 +279,16 @@ class PreparedSplit:
     quarantine: Path | None
     cache_hit: bool
 
-    def dataset(self, columns: Sequence[str] = MODEL_COLUMNS, *, materialize: bool = True) -> ray.data.Dataset:
-        """The tokenized rows as a Ray Dataset, numeric columns only (ready for a Ray Train worker's shard).
+    def dataset(self, columns: Sequence[str] = MODEL_COLUMNS) -> ray.data.Dataset:
+        """The tokenized rows as a materialized Ray Dataset, numeric columns only (ready for a Train worker's shard).
 
-        Materialized by default: the rows sit in the object store before training starts, so Train workers that hold
-        every CPU do not starve the Parquet read tasks (2 CPUs, 2 one-CPU workers: an unmaterialized read hangs the
-        fit with "Cluster resources are not enough to run any task"). Tokenized fine-tuning data is small."""
+        The driver reads the cached Parquet and puts it in the object store (``ray.data.from_arrow``): no Ray job,
+        nothing for Train workers that hold every CPU to wait for (an unmaterialized read on 2 CPUs with 2 one-CPU
+        workers hangs the fit with "Cluster resources are not enough to run any task"), and on a cluster the rows come
+        from the driver's cache folder whichever node reads them. Tokenized fine-tuning data is small."""
         import ray.data
 
-        ds = ray.data.read_parquet(str(self.path)).select_columns(list(columns))
-        return ds.materialize() if materialize else ds
+        return ray.data.from_arrow(pq.read_table(str(self.path), columns=list(columns)))
 
 
 _STORED = ("source", "digest", "num_rows", "num_bad", "num_truncated", "max_length", "mean_length", "pad_token_id")
@@ -279,9 +307,22 @@ def _load_entry(entry: Path, task: str, split: str, cache_hit: bool) -> Prepared
     )
 
 
-def prepare_split(
-    task: Task,
-    split: str,
+@dataclass
+class _Miss:
+    """A split that is not in the cache yet: built in ``tmp``, renamed to ``entry`` when complete."""
+
+    task: Task
+    split: str
+    source: Path
+    digest: str
+    entry: Path
+    tmp: Path
+    key: dict[str, Any]
+    report: ValidationReport | None = None
+
+
+def prepare_splits(
+    requests: Sequence[tuple[Task, str]],
     *,
     tokenizer_path: str | Path,
     cache_dir: str | Path,
@@ -290,142 +331,162 @@ def prepare_split(
     trust_remote_code: bool = False,
     num_actors: int = 1,
     max_record_bytes: int = MAX_RECORD_BYTES,
-) -> PreparedSplit:
-    """Validate, tokenize and cache one split ("train", "validation" or "test") of a task; a cache hit tokenizes
-    nothing. Skipped records (on_bad_record: skip) are copied to ``quarantine_dir/<task>.<split>.jsonl``.
+) -> list[PreparedSplit]:
+    """Validate, tokenize and cache splits ((task, "train" | "validation" | "test") pairs), in order. Cache hits
+    tokenize nothing; every miss goes through one Ray Data job. Skipped records (on_bad_record: skip) are copied to
+    ``quarantine_dir/<task>.<split>.jsonl``. Nothing enters the cache unless every split of the job succeeded.
 
-    Ray must be up (``ray.init``); ``num_actors`` tokenizer actors run at most (CPUs - 1), so that the read and write
-    tasks keep a CPU (a pool that takes every CPU deadlocks the pipeline).
+    Ray must be up (``ray.init``); ``num_actors`` tokenizer actors run at most (CPUs - 1), so that the read tasks
+    keep a CPU (a pool that takes every CPU deadlocks the pipeline).
     """
-    source = getattr(task, split, None)
-    if split not in ("train", "validation", "test") or source is None:
-        raise ValueError(f"task {task.name!r} has no {split!r} split")
-    source = Path(source)
-    if not source.is_file():
-        raise DataError(f"{source}: file not found (task {task.name!r}, {split} split)")
     tokenizer = load_tokenizer(tokenizer_path, trust_remote_code=trust_remote_code)
-    columns, labels = task.columns.model_dump(), task.labels
-    digest = file_digest(source)
-    key_fields = {
-        "digest": digest,
-        "tokenizer": tokenizer_identity(tokenizer),
-        "template": TEMPLATE_VERSION,
-        "cache": CACHE_VERSION,
-        "seq2seq": seq2seq,
-        "columns": columns,
-        "labels": labels,
-        "max_source_tokens": task.max_source_tokens,
-        "max_target_tokens": task.max_target_tokens,
-        "on_bad_record": task.on_bad_record,
-        "max_record_bytes": max_record_bytes,
-    }
-    key = hashlib.sha256(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()[:24]
-    entry = Path(cache_dir) / f"{task.name}.{split}.{key}"
-    cache_hit = (entry / "meta.json").is_file()
-    if not cache_hit:
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        udf_kwargs = {
-            "tokenizer_path": str(tokenizer_path),
-            "labels": labels,
+    identity = tokenizer_identity(tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    entries: list[Path] = []
+    misses: list[_Miss] = []
+    for task, split in requests:
+        source = getattr(task, split, None)
+        if split not in ("train", "validation", "test") or source is None:
+            raise ValueError(f"task {task.name!r} has no {split!r} split")
+        source = Path(source)
+        if not source.is_file():
+            raise DataError(f"{source}: file not found (task {task.name!r}, {split} split)")
+        digest = file_digest(source)
+        key = {
+            "digest": digest,
+            "tokenizer": identity,
+            "template": TEMPLATE_VERSION,
+            "cache": CACHE_VERSION,
             "seq2seq": seq2seq,
+            "columns": task.columns.model_dump(),
+            "labels": task.labels,
             "max_source_tokens": task.max_source_tokens,
             "max_target_tokens": task.max_target_tokens,
-            "trust_remote_code": trust_remote_code,
-            "source": str(source),
+            "on_bad_record": task.on_bad_record,
+            "max_record_bytes": max_record_bytes,
         }
-        _build_entry(
-            entry, source, digest, columns, labels, task.on_bad_record, max_record_bytes, pad, udf_kwargs, num_actors
-        )
-    prepared = _load_entry(entry, task.name, split, cache_hit)
-    if prepared.quarantine is not None and quarantine_dir is not None:
-        copy = Path(quarantine_dir) / f"{task.name}.{split}.jsonl"
-        copy.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(prepared.quarantine, copy)
-        prepared = replace(prepared, quarantine=copy)
-    if prepared.num_truncated:
-        log.warning(
-            "%s %s: %d of %d prompts truncated from the left to max_source_tokens=%d",
+        digest_key = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+        entry = Path(cache_dir) / f"{task.name}.{split}.{digest_key}"
+        entries.append(entry)
+        if not (entry / "meta.json").is_file() and all(m.entry != entry for m in misses):
+            tmp = entry.with_name(f"{entry.name}.tmp-{uuid.uuid4().hex[:8]}")
+            misses.append(_Miss(task, split, source, digest, entry, tmp, key))
+    hits = [(e / "meta.json").is_file() for e in entries]
+    if misses:
+        try:
+            _build_entries(misses, tokenizer_path, seq2seq, trust_remote_code, num_actors, max_record_bytes, pad)
+        finally:
+            for m in misses:
+                shutil.rmtree(m.tmp, ignore_errors=True)
+    out = []
+    for (task, split), entry, hit in zip(requests, entries, hits, strict=True):
+        prepared = _load_entry(entry, task.name, split, hit)
+        if prepared.quarantine is not None and quarantine_dir is not None:
+            copy = Path(quarantine_dir) / f"{task.name}.{split}.jsonl"
+            copy.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(prepared.quarantine, copy)
+            prepared = replace(prepared, quarantine=copy)
+        if prepared.num_truncated:
+            log.warning(
+                "%s %s: %d of %d prompts truncated from the left to max_source_tokens=%d",
+                task.name,
+                split,
+                prepared.num_truncated,
+                prepared.num_rows,
+                task.max_source_tokens,
+            )
+        log.info(
+            "%s %s: %d rows (%d bad), mean length %.1f, max %d, cache %s: %s",
             task.name,
             split,
-            prepared.num_truncated,
             prepared.num_rows,
-            task.max_source_tokens,
+            prepared.num_bad,
+            prepared.mean_length,
+            prepared.max_length,
+            "hit" if hit else "miss",
+            entry,
         )
-    log.info(
-        "%s %s: %d rows (%d bad), mean length %.1f, max %d, cache %s: %s",
-        task.name,
-        split,
-        prepared.num_rows,
-        prepared.num_bad,
-        prepared.mean_length,
-        prepared.max_length,
-        "hit" if cache_hit else "miss",
-        entry,
-    )
-    return prepared
+        out.append(prepared)
+    return out
 
 
-def _build_entry(
-    entry: Path,
-    source: Path,
-    digest: str,
-    columns: dict,
-    labels: list[str] | None,
-    on_bad_record: str,
+def prepare_split(task: Task, split: str, **kwargs) -> PreparedSplit:
+    """One split: ``prepare_splits([(task, split)], **kwargs)[0]``."""
+    return prepare_splits([(task, split)], **kwargs)[0]
+
+
+def _build_entries(
+    misses: list[_Miss],
+    tokenizer_path: str | Path,
+    seq2seq: bool,
+    trust_remote_code: bool,
+    num_actors: int,
     max_record_bytes: int,
     pad: int,
-    udf_kwargs: dict,
-    num_actors: int,
 ) -> None:
-    """Validate + tokenize into a temporary folder, then rename it into place (atomic; a concurrent twin wins)."""
-    tmp = entry.with_name(f"{entry.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir(parents=True)
-    try:
-        report = validate_file(
-            source,
+    """Validate every missing split (plain Python: errors name FILE:LINE), tokenize them all in one Ray Data job,
+    write each one's Parquet + meta.json into its temporary folder, then rename the folders into place (atomic; a
+    concurrent twin wins)."""
+    datasets = []
+    for i, m in enumerate(misses):
+        m.tmp.mkdir(parents=True)
+        columns, labels = m.task.columns.model_dump(), m.task.labels
+        m.report = validate_file(
+            m.source,
             columns,
             labels,
-            on_bad_record=on_bad_record,
-            quarantine=tmp / "quarantine.jsonl",
+            on_bad_record=m.task.on_bad_record,
+            quarantine=m.tmp / "quarantine.jsonl",
             max_record_bytes=max_record_bytes,
         )
-        records, cols = source, columns
-        if report.num_bad:  # Arrow cannot skip a bad line: read a clean copy of the good records instead
-            records, cols = tmp / "records.jsonl", None
+        records, cols = m.source, columns
+        if m.report.num_bad:  # Arrow cannot skip a bad line: read a clean copy of the good records instead
+            records, cols = m.tmp / "records.jsonl", None
             with open(records, "w", encoding="utf-8") as f:
-                for rec in scan_records(source, columns, labels, max_record_bytes=max_record_bytes):
+                for rec in scan_records(m.source, columns, labels, max_record_bytes=max_record_bytes):
                     if not isinstance(rec, BadRecord):
                         f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-        _tokenize_to_parquet(read_records(records, cols), tmp / "data", udf_kwargs, num_actors)
-        table = pq.read_table(tmp / "data", columns=["input_ids", "truncated"])
-        if table.num_rows != report.num_records:
+        datasets.append(read_records(records, cols, tag=(PART, i)))
+    parts = {
+        i: PartSpec(str(m.source), m.task.labels, m.task.max_source_tokens, m.task.max_target_tokens)
+        for i, m in enumerate(misses)
+    }
+    udf_kwargs = {"tokenizer_path": str(tokenizer_path), "parts": parts, "seq2seq": seq2seq}
+    table = _tokenize(datasets, udf_kwargs | {"trust_remote_code": trust_remote_code}, num_actors)
+    tags = table.column(PART)
+    for i, m in enumerate(misses):
+        part = table.filter(pc.equal(tags, i)).drop_columns([PART])  # keeps the file's row order
+        if part.num_rows != m.report.num_records:
             raise DataError(
-                f"{source}: Ray read {table.num_rows} records where validation counted "
-                f"{report.num_records}; is the file being written to?"
+                f"{m.source}: Ray read {part.num_rows} records where validation counted "
+                f"{m.report.num_records}; is the file being written to?"
             )
-        lengths = pc.list_value_length(table["input_ids"])
+        (m.tmp / "data").mkdir()
+        pq.write_table(part, m.tmp / "data" / "part-00000.parquet")
+        lengths = pc.list_value_length(part["input_ids"])
         meta = {
-            "source": str(source),
-            "digest": digest,
-            "num_rows": table.num_rows,
-            "num_bad": report.num_bad,
-            "num_truncated": int(pc.sum(table["truncated"]).as_py() or 0),
+            "source": str(m.source),
+            "digest": m.digest,
+            "num_rows": part.num_rows,
+            "num_bad": m.report.num_bad,
+            "num_truncated": int(pc.sum(part["truncated"]).as_py() or 0),
             "max_length": int(pc.max(lengths).as_py()),
             "mean_length": round(pc.mean(lengths).as_py(), 2),
             "pad_token_id": pad,
-            "key": udf_kwargs | {"template": TEMPLATE_VERSION},
+            "key": m.key,
         }
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        (m.tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+    for m in misses:  # only now: a failure above leaves no entry behind
         try:
-            os.rename(tmp, entry)
+            os.rename(m.tmp, m.entry)
         except OSError:  # the same entry was completed meanwhile (a retry, a twin process): keep that one
-            if not (entry / "meta.json").is_file():
+            if not (m.entry / "meta.json").is_file():
                 raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _tokenize_to_parquet(ds: ray.data.Dataset, out: Path, udf_kwargs: dict, num_actors: int) -> None:
+def _tokenize(datasets: list[ray.data.Dataset], udf_kwargs: dict, num_actors: int) -> pa.Table:
+    """One Ray Data job: the union of the tagged record datasets through a TokenizeBatch actor pool; the rows come
+    back to the driver (in order) as one Arrow table."""
     import ray
     import ray.data
 
@@ -435,14 +496,16 @@ def _tokenize_to_parquet(ds: ray.data.Dataset, out: Path, udf_kwargs: dict, num_
     preserve = ctx.execution_options.preserve_order
     ctx.execution_options.preserve_order = True  # the cache keeps the file's row order: runs are reproducible
     try:
-        ds.map_batches(
+        ds = datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
+        refs = ds.map_batches(
             TokenizeBatch,
             fn_constructor_kwargs=udf_kwargs,
             batch_size=256,
             batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(size=num_actors),
             udf_modifying_row_count=False,
-        ).write_parquet(str(out))
+        ).to_arrow_refs()
+        return pa.concat_tables(ray.get(refs))
     except ray.exceptions.RayError as e:  # Ray Data keeps a UDF's exception only as traceback text: surface ours
         marker = f"{DataError.__module__}.{DataError.__qualname__}: "
         for line in str(e).splitlines():
@@ -495,22 +558,21 @@ def prepare_stream(
     stream, model_dir: str | Path, run_dir: str | Path, *, cache_dir: str | Path | None = None, num_actors: int = 1
 ) -> list[PreparedTask]:
     """Every task of a stream, in order: train tokenized with the model's tokenizer (cached under
-    ``cache_dir``, default ``run_dir/cache``), test as an eval set; skipped records under ``run_dir/quarantine``."""
+    ``cache_dir``, default ``run_dir/cache``; the misses of all tasks in one Ray Data job), test as an eval set;
+    skipped records under ``run_dir/quarantine``."""
     config = json.loads((Path(model_dir) / "config.json").read_text())
-    seq2seq = bool(config.get("is_encoder_decoder", False))
-    cache, quarantine = Path(cache_dir or Path(run_dir) / "cache"), Path(run_dir) / "quarantine"
+    quarantine = Path(run_dir) / "quarantine"
+    splits = prepare_splits(
+        [(task, "train") for task in stream.tasks],
+        tokenizer_path=model_dir,
+        cache_dir=Path(cache_dir or Path(run_dir) / "cache"),
+        quarantine_dir=quarantine,
+        seq2seq=bool(config.get("is_encoder_decoder", False)),
+        trust_remote_code=stream.trust_remote_code,
+        num_actors=num_actors,
+    )
     out = []
-    for task in stream.tasks:
-        split = prepare_split(
-            task,
-            "train",
-            tokenizer_path=model_dir,
-            cache_dir=cache,
-            quarantine_dir=quarantine,
-            seq2seq=seq2seq,
-            trust_remote_code=stream.trust_remote_code,
-            num_actors=num_actors,
-        )
+    for task, split in zip(stream.tasks, splits, strict=True):
         digests = {s: split.digest if s == "train" else file_digest(p) for s, p in task.sources().items()}
         out.append(PreparedTask(task.name, split, load_eval_set(task, quarantine), digests))
     return out

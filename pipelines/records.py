@@ -238,8 +238,12 @@ def validate_file(
     return ValidationReport(Path(path), good, len(bad), Path(quarantine) if bad else None)
 
 
-def read_records(path: str | Path, columns: Mapping[str, str | None] | None = None) -> ray.data.Dataset:
-    """A validated file as a Ray Dataset of string columns instruction, input, output (Arrow readers, parallel)."""
+def read_records(
+    path: str | Path, columns: Mapping[str, str | None] | None = None, *, tag: tuple[str, int] | None = None
+) -> ray.data.Dataset:
+    """A validated file as a Ray Dataset of string columns instruction, input, output (Arrow readers, parallel).
+    ``tag=(name, value)`` adds an int32 column ``name`` holding ``value`` on every row (which file a row came from,
+    once several files are in one union)."""
     import pyarrow.csv as pacsv
     import pyarrow.json as pajson
     import ray.data
@@ -261,7 +265,10 @@ def read_records(path: str | Path, columns: Mapping[str, str | None] | None = No
 
     def canonical(batch: pa.Table) -> pa.Table:
         empty = pa.array([""] * batch.num_rows, pa.string())
-        return pa.table({name: batch.column(col) if col else empty for name, col in cols.items()})
+        out = {name: batch.column(col) if col else empty for name, col in cols.items()}
+        if tag is not None:
+            out[tag[0]] = pa.array([tag[1]] * batch.num_rows, pa.int32())
+        return pa.table(out)
 
     return ds.map_batches(canonical, batch_format="pyarrow", udf_modifying_row_count=False)
 

@@ -20,6 +20,7 @@ import os
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -119,13 +120,28 @@ def load_checkpoint(folder: Path, model, optimizer) -> int:
 
 
 # --------------------------------------------------------------------------- the stage
-def _build(config: dict[str, Any]):
+@dataclass
+class Carried:
+    """What a stage hands the next one in the same worker: its merged model (already in memory: no reload from the
+    stage folder) and the tokenizer. The method always comes from the folder, exactly as a resumed stage gets it."""
+
+    folder: Path  # the stage's model folder: the next stage's prev_dir
+    model: Any
+    tokenizer: Any
+
+
+def _build(config: dict[str, Any], carried: Carried | None = None):
+    """(model, tokenizer, method) for a stage: the model from the previous stage's folder, or from ``carried`` when
+    that is the same folder; the method with its carried state from the folder (fresh for the first stage)."""
     from gorp.methods import build_method
     from gorp.methods.base import META_FILE, ContinualMethod
     from gorp.models import load_model
 
     prev = Path(config["prev_dir"])
-    model, tokenizer = load_model(prev, trust_remote_code=config.get("trust_remote_code", False))
+    if carried is not None and carried.folder == prev:
+        model, tokenizer = carried.model, carried.tokenizer
+    else:
+        model, tokenizer = load_model(prev, trust_remote_code=config.get("trust_remote_code", False))
     if (prev / META_FILE).exists():
         method = ContinualMethod.load(prev, **config["method_args"])
         if method.name != config["method"]:
@@ -160,15 +176,18 @@ def _evaluate(model, tokenizer, eval_sets: dict[str, dict], names: list[str], ba
     return out
 
 
-def run_stage(common: dict[str, Any], st: dict[str, Any], resume: Path | None) -> dict[str, Any]:
-    """Train, merge, save and evaluate one stage on this worker; ``resume``: a checkpoint folder of this stage."""
+def run_stage(
+    common: dict[str, Any], st: dict[str, Any], resume: Path | None, carried: Carried | None = None
+) -> tuple[dict[str, Any], Carried]:
+    """Train, merge, save and evaluate one stage on this worker; ``resume``: a checkpoint folder of this stage;
+    ``carried``: the previous stage's model, when this worker ran it. Returns the stage's metrics and its carry."""
     import ray
     import ray.train
     from ray.train import Checkpoint
 
     from gorp.fsdp import full_state_dict, shard_model
     from gorp.loop import train_step
-    from gorp.models import load_model
+    from gorp.models import model_from_state_dict
 
     rank, world = _world()
     config = {**common, **st}
@@ -177,7 +196,10 @@ def run_stage(common: dict[str, Any], st: dict[str, Any], resume: Path | None) -
     tcfg = common["training"]
     fsdp = world > 1 and common.get("fsdp", True)
     t_setup = time.perf_counter()
-    model, tokenizer, method = _build(config)
+    model, tokenizer, method = _build(config, carried)
+    del carried
+    # the plain model, before adapters and sharding: what the merged weights are loaded into at the end
+    arch = {"cls": type(model), "config": model.config, "dtype": next(model.parameters()).dtype}
     metrics: dict[str, Any] = {"stage": st["stage"], "task": st["task"]}
     eval_bs = int(common.get("eval_batch_size", 16))
     if st.get("zero_shot_tasks"):
@@ -244,8 +266,7 @@ def run_stage(common: dict[str, Any], st: dict[str, Any], resume: Path | None) -
     sd = full_state_dict(model) if fsdp else model.state_dict()
     plain = method.finalize_state_dict({k: v.detach() for k, v in sd.items()})  # no copy: the model is dropped next
     del model, optimizer, sd
-    merged, _ = load_model(config["prev_dir"], trust_remote_code=common.get("trust_remote_code", False))
-    merged.load_state_dict(plain)
+    merged = model_from_state_dict(state_dict=plain, **arch)  # no copy of the weights, no read from disk
     if rank == 0:
         tmp = out_dir.with_name(out_dir.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -281,14 +302,15 @@ def run_stage(common: dict[str, Any], st: dict[str, Any], resume: Path | None) -
         tmp_file.write_text(json.dumps(metrics, indent=1))
         os.replace(tmp_file, out_dir / STAGE_FILE)
     ray.train.report({k: v for k, v in metrics.items() if k not in ("losses", "row", "zero_shot", "nodes")})
-    return metrics
+    return metrics, Carried(out_dir, merged, tokenizer)
 
 
 def sequence_loop(config: dict[str, Any]) -> None:
     """``train_loop_per_worker``: the stages in ``config["stages"]`` in order, on one worker group.
 
     A stage whose ``stage.json`` exists is complete (an earlier attempt of this fit got past it before a worker died)
-    and is skipped; the latest checkpoint resumes the stage it belongs to.
+    and is skipped; the latest checkpoint resumes the stage it belongs to. Each stage starts from the model the one
+    before left in memory; the first (or one after a restart) loads its previous stage's folder.
     """
     import ray.train
 
@@ -302,7 +324,8 @@ def sequence_loop(config: dict[str, Any]) -> None:
         meta = json.loads((folder / "progress.json").read_text())
         resume = (folder, int(meta["stage"]))
     common = {k: v for k, v in config.items() if k != "stages"}
+    carried = None  # the model stays in memory from one stage to the next
     for st in config["stages"]:
         if (Path(st["out_dir"]) / STAGE_FILE).exists():
             continue
-        run_stage(common, st, resume[0] if resume and resume[1] == st["stage"] else None)
+        _, carried = run_stage(common, st, resume[0] if resume and resume[1] == st["stage"] else None, carried)

@@ -218,7 +218,7 @@ def test_round_trip_and_cache_hit(ray_local, tmp_path, tok_dir, tok, monkeypatch
     def no_tokenizing(*args, **kwargs):
         raise AssertionError("a cache hit must not tokenize")
 
-    monkeypatch.setattr(data, "_tokenize_to_parquet", no_tokenizing)
+    monkeypatch.setattr(data, "_tokenize", no_tokenizing)
     again = prepare_split(task, "train", tokenizer_path=tok_dir, cache_dir=tmp_path / "cache")
     assert again.cache_hit and again.path == first.path and again.num_rows == 20
     changed = task.model_copy(update={"max_source_tokens": 32})  # another key: would tokenize again
@@ -233,6 +233,44 @@ def test_round_trip_and_cache_hit(ray_local, tmp_path, tok_dir, tok, monkeypatch
     )  # shuffled
     mask = batches[0]["attention_mask"].bool()
     assert (batches[0]["labels"][~mask] == IGNORE_INDEX).all()
+
+
+def test_several_splits_tokenize_in_one_job_each_with_its_own_limits(ray_local, tmp_path, tok_dir, tok, monkeypatch):
+    """Three splits with other labels, limits and a skipped bad line: one Ray Data job (small files share a batch),
+    and every split's rows equal an Encoder run on that file alone, in file order."""
+    a = Task(name="a", train=_jsonl(tmp_path / "a.jsonl", _records(20)), test=tmp_path / "a.jsonl", labels=LABELS)
+    b_recs = [{"instruction": f"Say {w}.", "input": "", "output": w} for w in ["yes", "no", "maybe"] * 4]
+    b = Task(
+        name="b",
+        train=_jsonl(tmp_path / "b.jsonl", b_recs, {5: b"{broken"}),
+        test=tmp_path / "b.jsonl",
+        max_source_tokens=4,  # truncates: only b's prompts
+        max_target_tokens=3,
+        on_bad_record="skip",
+    )
+    c = a.model_copy(update={"name": "c", "labels": ["yes", "no"]})  # same file, other options: other prompts
+    calls = []
+    real = data._tokenize
+    monkeypatch.setattr(data, "_tokenize", lambda *args, **kw: calls.append(1) or real(*args, **kw))
+    kw = {"tokenizer_path": tok_dir, "cache_dir": tmp_path / "cache", "quarantine_dir": tmp_path / "q"}
+    got = data.prepare_splits([(a, "train"), (b, "train"), (c, "train")], **kw)
+    assert len(calls) == 1 and [p.cache_hit for p in got] == [False, False, False]
+    assert [(p.task, p.num_rows, p.num_bad) for p in got] == [("a", 20, 0), ("b", 12, 1), ("c", 20, 0)]
+    for task, recs, prep in ((a, _records(20), got[0]), (b, b_recs, got[1]), (c, _records(20), got[2])):
+        enc = Encoder(tok, max_source_tokens=task.max_source_tokens, max_target_tokens=task.max_target_tokens)
+        want = enc.examples(
+            [format_prompt(r["instruction"], r["input"], task.labels) for r in recs], [r["output"] for r in recs]
+        )
+        table = pq.read_table(prep.path)
+        assert table["input_ids"].to_pylist() == want["input_ids"]
+        assert table["labels"].to_pylist() == want["labels"]
+        assert prep.num_truncated == sum(want["truncated"])
+    assert got[1].num_truncated > 0 and got[0].num_truncated == 0
+    again = data.prepare_splits([(a, "train"), (b, "train"), (c, "train")], **kw)
+    assert len(calls) == 1 and all(p.cache_hit for p in again)
+    assert [p.path for p in again] == [p.path for p in got]
+    ds = got[1].dataset()
+    assert ds.count() == 12 and ds.columns() == ["input_ids", "labels"]
 
 
 def test_skip_mode_through_ray_quarantines_and_reads_the_good_records(ray_local, tmp_path, tok_dir):
