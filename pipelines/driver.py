@@ -59,6 +59,27 @@ def init_ray(num_cpus: int | None = None) -> float:
     return time.perf_counter() - t
 
 
+def _warm_imports() -> threading.Thread:
+    """Import what the driver needs after Ray is up (the tokenizer, MLflow, the plots) in a thread, while
+    ``ray.init`` runs: it spends much of its seconds waiting for Ray's processes, and leaves a core idle meanwhile."""
+
+    def run() -> None:
+        import matplotlib.pyplot  # noqa: F401
+        from transformers import AutoTokenizer  # noqa: F401
+
+        import pipelines.lineage  # noqa: F401  (mlflow)
+
+    thread = threading.Thread(target=run, name="gorp-warm-imports", daemon=True)
+    thread.start()
+    return thread
+
+
+# Ray Train's controller polls its workers this often (Ray's default: 2 s). A finished stage loop, and the end of the
+# fit, are noticed only at the next poll: on short stages the default costs seconds for nothing. An explicit
+# RAY_TRAIN_HEALTH_CHECK_INTERVAL_S in the environment wins.
+CONTROLLER_POLL_S = "0.5"
+
+
 class _Fit(threading.Thread):
     """``trainer.fit()`` in a thread, so that the driver can follow and record the stages meanwhile."""
 
@@ -100,7 +121,9 @@ def run_stream(
     run_dir.mkdir(parents=True, exist_ok=True)
     timings: dict[str, Any] = {"stages": []}
     model_dir = resolve_model(stream.model, console=console)
+    warm = _warm_imports()
     timings["ray_start_s"] = init_ray()
+    warm.join()
 
     t0 = time.perf_counter()
     with console.status("preparing data (Ray Data: read, validate, tokenize, cache) ..."):
@@ -186,6 +209,7 @@ def run_stream(
             for t in range(start, n_tasks)
         ],
     }
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", CONTROLLER_POLL_S)  # read by fit(), passed on
     trainer = TorchTrainer(
         sequence_loop,
         train_loop_config=config,
@@ -272,7 +296,7 @@ def run_stream(
                 continue
             if not alive:
                 break
-            time.sleep(0.5)
+            time.sleep(0.2)
         fit.join()
     timings["fit_s"] = time.perf_counter() - t_fit
     (run_dir / "timings.json").write_text(json.dumps(timings, indent=1))

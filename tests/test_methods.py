@@ -109,6 +109,40 @@ def test_two_tasks_and_state_round_trip(name, tmp_path):
         assert a, f"{name} must carry state between tasks"
 
 
+@pytest.mark.parametrize("arch", ["llama", "t5"])
+def test_merged_model_from_the_state_dict_equals_the_in_place_merge(arch):
+    """What a stage does at its end (finalize_state_dict, then model_from_state_dict) gives the model that PEFT's
+    in-place merge gives, holding the state dict's own tensors (no copy), tied weights tied (T5)."""
+    from gorp.models import model_from_state_dict, tiny_t5
+
+    make = tiny_llama if arch == "llama" else tiny_t5
+    method = build_method("gorp", lora_dropout=0.0, update_gap=2, full_rank_lr=1e-3)
+    base = make(seed=0)
+    cls, config = type(base), base.config
+    model = method.setup_task(base, 0)
+    opt = method.make_optimizer(model)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        ids = torch.randint(2, 128, (2, 8), generator=g)
+        model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    plain = method.finalize_state_dict({k: v.detach() for k, v in model.state_dict().items()})
+    rebuilt = model_from_state_dict(cls, config, plain)
+    merged = method.finalize(model)
+    assert type(rebuilt) is type(merged) and not rebuilt.training
+    assert rebuilt.state_dict().keys() == merged.state_dict().keys()
+    for k, v in rebuilt.state_dict().items():
+        torch.testing.assert_close(v, merged.state_dict()[k], rtol=0, atol=1e-6)
+    shared = sum(v.data_ptr() == plain[k].data_ptr() for k, v in rebuilt.state_dict().items())
+    assert shared == len(plain)
+    ids = torch.randint(2, 128, (2, 8), generator=g)
+    kw = {"decoder_input_ids": ids[:, :3]} if arch == "t5" else {}
+    torch.testing.assert_close(rebuilt(input_ids=ids, **kw).logits, merged.eval()(input_ids=ids, **kw).logits)
+    if arch == "t5":
+        assert rebuilt.lm_head.weight.data_ptr() == rebuilt.shared.weight.data_ptr()
+
+
 def test_gorp_on_t5_targets_self_attention_lora_and_cross_attention_full_rank():
     from gorp.models import tiny_t5
 
