@@ -4,20 +4,23 @@
                                            [--json out]
 
 Both sides train the same tasks for the same steps on the same batches (file order) with the same method, and score
-the same test examples (zero-shot once, then every task seen so far and the next after each stage). The pipeline's
-wall time is split into Ray start, data preparation (Ray Data), bookkeeping (MLflow, driver), worker start-up,
-stage setup (load, adapters, optimizer), training, finalize (merge + save) and evaluation; it prints the ratio of the
-totals. Model preparation (the demo model's conversion) is done before either side is timed.
+the same test examples (zero-shot once, then every task seen so far and the next after each stage). Each side runs as
+its own fresh Python process, as a user runs ``gorp run`` or a script, and is timed from the process's start to its
+end: interpreter start and imports count on both sides. The pipeline's wall time is split into process start
+(interpreter, imports), Ray start, data preparation (Ray Data), bookkeeping (MLflow, driver), worker start-up and
+teardown, stage setup (load, adapters, optimizer), training, finalize (merge + save) and evaluation; it prints the
+ratio of the totals. Model preparation (the demo model's conversion) is done before either side is timed.
 
 A 2-core machine shared with other tenants varies by about 10% from run to run in the same code, as much as the
-target leaves room for: ``--repeat N`` runs N pairs, alternating which side goes first, each pipeline run on a fresh
-Ray instance, and prints the median ratio with each pair's.
+target leaves room for: ``--repeat N`` runs N pairs, alternating which side goes first, and prints the median ratio
+with each pair's.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import tempfile
 import time
@@ -101,12 +104,8 @@ def plain_loop(stream, model_dir: Path, steps: int, cap: int) -> dict[str, float
 
 def pipeline_run(stream, console) -> dict[str, float]:
     """``run_stream`` on a fresh Ray instance and a fresh run directory (empty cache); its wall time in parts."""
-    import ray
-
     from pipelines.driver import run_stream
 
-    if ray.is_initialized():
-        ray.shutdown()  # every repeat pays Ray's start, as a user's run does
     run_dir = Path(tempfile.mkdtemp(prefix="gorp-overhead-"))
     t = time.perf_counter()
     run_stream(stream, run_dir=run_dir, restart=True, console=console)
@@ -122,11 +121,65 @@ def pipeline_run(stream, console) -> dict[str, float]:
         "bookkeeping_s": timings["bookkeeping_s"] + max(0.0, total - known),  # MLflow, plots, the final table
         "worker_start_s": timings["fit_s"] - sum(parts.values()),  # start-up and teardown of the worker group
         **parts,
-        "total_s": total,
+        "run_s": total,
     }
 
 
-PARTS = ("ray_start_s", "data_s", "bookkeeping_s", "worker_start_s", "setup_s", "train_s", "finalize_s", "eval_s")
+PARTS = (
+    "process_start_s",
+    "ray_start_s",
+    "data_s",
+    "bookkeeping_s",
+    "worker_start_s",
+    "setup_s",
+    "train_s",
+    "finalize_s",
+    "eval_s",
+)
+
+
+def one_side(args) -> None:
+    """Run one side in this process (a child of ``main``); write its parts and its running time as JSON."""
+    from pipelines.spec import load_stream
+
+    stream = load_stream(args.stream)
+    stream.training.max_steps = args.steps
+    stream.training.max_eval_examples = args.eval
+    if args.side == "pipeline":
+        from rich.console import Console
+
+        from pipelines.demo_model import resolve_model
+
+        resolve_model(stream.model)
+        t = time.perf_counter()
+        parts = pipeline_run(stream, Console(width=130, stderr=True))
+    else:
+        from pipelines.demo_model import resolve_model
+
+        model_dir = resolve_model(stream.model)
+        t = time.perf_counter()
+        parts = plain_loop(stream, model_dir, args.steps, args.eval)
+    parts["run_s"] = time.perf_counter() - t
+    Path(args.out).write_text(json.dumps(parts))
+
+
+def timed_side(side: str, args) -> dict[str, float]:
+    """Spawn a fresh process for one side; its parts, with process start = wall time - what the parts cover."""
+    out = Path(tempfile.mkstemp(suffix=f"-{side}.json")[1])
+    cmd = [sys.executable, __file__, "--side", side, "--out", str(out), "--stream", args.stream]
+    cmd += ["--steps", str(args.steps), "--eval", str(args.eval)]
+    t = time.perf_counter()
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    wall = time.perf_counter() - t
+    parts = json.loads(out.read_text())
+    covered = sum(parts.get(k, 0.0) for k in PARTS[1:])
+    if side == "pipeline":  # what run_stream did besides the parts is bookkeeping; before it, process start
+        parts["bookkeeping_s"] += max(0.0, parts["run_s"] - covered)
+        parts["process_start_s"] = wall - parts["run_s"]
+    else:  # a plain script: everything but its parts is interpreter start and imports
+        parts["process_start_s"] = wall - covered
+    parts["total_s"] = wall
+    return parts
 
 
 def main() -> None:
@@ -135,10 +188,15 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=15, help="training steps per stage (both sides)")
     ap.add_argument("--eval", type=int, default=48, help="test examples per task (both sides)")
     ap.add_argument(
-        "--repeat", type=int, default=1, help="pairs of runs, the order alternating (plain first in odd pairs)"
+        "--repeat", type=int, default=1, help="pairs of runs, the order alternating (plain first in even pairs)"
     )
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--side", choices=("pipeline", "plain"), help=argparse.SUPPRESS)  # a child process
+    ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.side:
+        one_side(args)
+        return
 
     import statistics
 
@@ -150,23 +208,19 @@ def main() -> None:
 
     console = Console(width=130)
     stream = load_stream(args.stream)
-    stream.training.max_steps = args.steps
-    stream.training.max_eval_examples = args.eval
-    model_dir = resolve_model(stream.model, console=console)
+    resolve_model(stream.model, console=console)  # prepared before anything is timed
 
     pairs = []
     for i in range(args.repeat):
-        pair: dict[str, dict[str, float]] = {}
+        pair: dict = {}
         for side in ("plain", "pipeline") if i % 2 else ("pipeline", "plain"):
-            if side == "pipeline":
-                pair["pipeline"] = pipeline_run(stream, console)
-            else:
-                with console.status("plain single-process loop ..."):
-                    t = time.perf_counter()
-                    pair["plain"] = plain_loop(stream, model_dir, args.steps, args.eval)
-                    pair["plain"]["total_s"] = time.perf_counter() - t
+            with console.status(f"pair {i + 1}/{args.repeat}: {side} ..."):
+                pair[side] = timed_side(side, args)
         pair["ratio"] = pair["pipeline"]["total_s"] / pair["plain"]["total_s"]
-        console.print(f"pair {i + 1}/{args.repeat}: pipeline / plain loop = {pair['ratio']:.3f}x")
+        console.print(
+            f"pair {i + 1}/{args.repeat}: pipeline {pair['pipeline']['total_s']:.1f} s, plain loop "
+            f"{pair['plain']['total_s']:.1f} s: {pair['ratio']:.3f}x"
+        )
         pairs.append(pair)
 
     def med(side: str, key: str) -> float | None:
