@@ -1,7 +1,7 @@
 """Evaluate a causal LM (or a seq2seq model such as T5) on one task: exact match of greedy generation, or rank
 classification over the label options. Pure torch + transformers: the pipeline calls it on a Ray worker or the driver.
 
-The model sees exactly what training fed it (``pipelines.data.Encoder``): prompts arrive formatted
+The model sees exactly what training fed it (``pipelines.encoding.Encoder``): prompts arrive formatted
 (``pipelines.records.format_prompt``, ending in "Answer:"); the source is the tokenizer's leading special tokens (BOS) +
 the prompt's tokens (+ its trailing special tokens, e.g. T5's EOS, for a seq2seq encoder only); the target is
 ``format_target(answer)`` (" yes" for a causal LM, "yes" for a decoder), tokenized on its own, + EOS.
@@ -117,7 +117,7 @@ def _budget(max_prompt_tokens: int | None, specials: int) -> int | None:
 
 
 def _sources(tokenizer, prompts: Sequence[str], seq2seq: bool, max_prompt_tokens: int | None, fallback: int):
-    """Source ids as training builds them (``pipelines.data.Encoder.prompts``), and how many prompts were cut."""
+    """Source ids as training builds them (``pipelines.encoding.Encoder.prompts``), and how many prompts were cut."""
     prefix, suffix = _special_layout(tokenizer)
     tail = suffix if seq2seq else []  # a causal LM's answer follows the prompt: no EOS (or other suffix) before it
     keep = _budget(max_prompt_tokens, len(prefix) + len(tail))
