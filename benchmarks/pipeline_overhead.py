@@ -1,7 +1,9 @@
 """What the Ray pipeline costs next to a plain single-process PyTorch loop doing the same training and evaluation.
 
-    python benchmarks/pipeline_overhead.py [--stream examples/quickstart.yaml] [--steps 15] [--eval 48] [--repeat 3]
+    python benchmarks/pipeline_overhead.py [--stream examples/quickstart.yaml] [--steps N] [--eval N] [--repeat 3]
                                            [--json out]
+
+--steps and --eval default to the stream's own caps (the quickstart: 30 steps per stage, 80 test examples per task).
 
 Both sides train the same tasks for the same steps on the same batches (file order) with the same method, and score
 the same test examples (zero-shot once, then every task seen so far and the next after each stage). Each side runs as
@@ -41,7 +43,7 @@ def plain_loop(stream, model_dir: Path, steps: int, cap: int) -> dict[str, float
     from pipelines.evaluate import evaluate_task
 
     torch.set_num_threads(int(stream.scaling.cpus_per_worker))
-    out = {"data_s": 0.0, "setup_s": 0.0, "train_s": 0.0, "finalize_s": 0.0, "eval_s": 0.0}
+    out = {"data_s": 0.0, "setup_s": 0.0, "train_s": 0.0, "finalize_s": 0.0, "eval_s": 0.0, "train_s_by_stage": []}
     t = time.perf_counter()
     model, tok = load_model(model_dir)
     batches, evals = [], {}
@@ -57,7 +59,12 @@ def plain_loop(stream, model_dir: Path, steps: int, cap: int) -> dict[str, float
         collate, bs = PadCollate(tok.pad_token_id), stream.training.batch_size
         batches.append([collate(table.slice(i * bs, bs)) for i in range(steps)])
         es = load_eval_set(task, tempfile.mkdtemp())
-        evals[task.name] = {**es, "prompts": es["prompts"][:cap], "answers": es["answers"][:cap]}
+        evals[task.name] = {
+            **es,
+            "prompts": es["prompts"][:cap],
+            "answers": es["answers"][:cap],
+            "max_prompt_tokens": task.max_source_tokens,  # as the pipeline truncates them
+        }
     out["data_s"] = time.perf_counter() - t
     names = [task.name for task in stream.tasks]
 
@@ -73,7 +80,7 @@ def plain_loop(stream, model_dir: Path, steps: int, cap: int) -> dict[str, float
                 metric=e["metric"],
                 labels=e["labels"],
                 batch_size=stream.training.eval_batch_size,
-                max_prompt_tokens=64,
+                max_prompt_tokens=e["max_prompt_tokens"],
             )
         out["eval_s"] += time.perf_counter() - t0
 
@@ -89,7 +96,8 @@ def plain_loop(stream, model_dir: Path, steps: int, cap: int) -> dict[str, float
         model.train()
         for b in batches[t_idx]:
             train_step(model, method, opt, b, stream.training.grad_clip)
-        out["train_s"] += time.perf_counter() - t0
+        out["train_s_by_stage"].append(time.perf_counter() - t0)
+        out["train_s"] += out["train_s_by_stage"][-1]
         t0 = time.perf_counter()
         method.end_task(model, opt)
         model = method.finalize(model)
@@ -118,6 +126,7 @@ def pipeline_run(stream, console) -> dict[str, float]:
         "bookkeeping_s": timings["bookkeeping_s"],  # timed_side adds the rest of run_stream's time
         "worker_start_s": timings["fit_s"] - sum(parts.values()),  # start-up and teardown of the worker group
         **parts,
+        "train_s_by_stage": [s["train_s"] for s in stages],
     }
 
 
@@ -181,8 +190,8 @@ def timed_side(side: str, args) -> dict[str, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--stream", default="examples/quickstart.yaml")
-    ap.add_argument("--steps", type=int, default=15, help="training steps per stage (both sides)")
-    ap.add_argument("--eval", type=int, default=48, help="test examples per task (both sides)")
+    ap.add_argument("--steps", type=int, help="training steps per stage, both sides (default: the stream's cap)")
+    ap.add_argument("--eval", type=int, help="test examples per task, both sides (default: the stream's cap)")
     ap.add_argument(
         "--repeat", type=int, default=1, help="pairs of runs, the order alternating (plain first in even pairs)"
     )
@@ -190,6 +199,14 @@ def main() -> None:
     ap.add_argument("--side", choices=("pipeline", "plain"), help=argparse.SUPPRESS)  # a child process
     ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.steps is None or args.eval is None:
+        from pipelines.spec import load_stream
+
+        training = load_stream(args.stream).training
+        args.steps = args.steps or training.max_steps
+        args.eval = args.eval or training.max_eval_examples
+        if args.steps is None or args.eval is None:
+            ap.error("the stream caps neither steps nor test examples: give --steps and --eval")
     if args.side:
         one_side(args)
         return
@@ -238,6 +255,9 @@ def main() -> None:
             "-" if plain_value is None else f"{bold}{plain_value:.1f}",
         )
     console.print(table)
+    for side in ("pipeline", "plain"):
+        by_stage = [statistics.median(v) for v in zip(*(p[side]["train_s_by_stage"] for p in pairs), strict=True)]
+        console.print(f"train by stage, {side}: " + ", ".join(f"{v:.1f} s" for v in by_stage))
     ratios = [p["ratio"] for p in pairs]
     ratio = statistics.median(ratios)
     spread = f" (pairs: {', '.join(f'{r:.3f}' for r in ratios)})" if len(ratios) > 1 else ""

@@ -249,9 +249,11 @@ def run_stage(
         losses.append(loss)
         tokens += int(batch["attention_mask"].sum())
         if rank == 0:
-            rate = tokens / (time.perf_counter() - t_train)
+            elapsed = time.perf_counter() - t_train
+            row = {"step": step + 1, "steps": steps, "loss": loss, "tokens_per_s": tokens / elapsed}
+            row["elapsed_s"] = elapsed
             with progress.open("a") as f:
-                f.write(json.dumps({"step": step + 1, "steps": steps, "loss": loss, "tokens_per_s": rate}) + "\n")
+                f.write(json.dumps(row) + "\n")
         if every and (step + 1) % every == 0 and step + 1 < steps:
             folder = work_dir / f"ckpt-{st['stage']}-{step + 1}"
             save_checkpoint(folder, model, optimizer, step + 1, st["stage"])
