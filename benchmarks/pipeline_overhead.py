@@ -3,7 +3,8 @@
     python benchmarks/pipeline_overhead.py [--stream examples/quickstart.yaml] [--steps N] [--eval N] [--repeat 3]
                                            [--json out]
 
---steps and --eval default to the stream's own caps (the quickstart: 30 steps per stage, 80 test examples per task).
+--steps and --eval default to the stream's own caps (the quickstart: 30 steps per stage, 80 test examples per task);
+--threads N sets the torch threads of both sides (the stream's cpus_per_worker, 2 in the quickstart).
 
 Both sides train the same tasks for the same steps on the same batches (file order) with the same method, and score
 the same test examples (zero-shot once, then every task seen so far and the next after each stage). Each side runs as
@@ -150,6 +151,8 @@ def one_side(args) -> None:
     stream = load_stream(args.stream)
     stream.training.max_steps = args.steps
     stream.training.max_eval_examples = args.eval
+    if args.threads:
+        stream.scaling.cpus_per_worker = args.threads  # the worker's CPUs and torch threads; the plain loop's threads
     if args.side == "pipeline":
         from rich.console import Console
 
@@ -172,7 +175,7 @@ def timed_side(side: str, args) -> dict[str, float]:
     """Spawn a fresh process for one side; its parts, with process start = wall time - what the parts cover."""
     out = Path(tempfile.mkstemp(suffix=f"-{side}.json")[1])
     cmd = [sys.executable, __file__, "--side", side, "--out", str(out), "--stream", args.stream]
-    cmd += ["--steps", str(args.steps), "--eval", str(args.eval)]
+    cmd += ["--steps", str(args.steps), "--eval", str(args.eval), "--threads", str(args.threads or 0)]
     t = time.perf_counter()
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     wall = time.perf_counter() - t
@@ -192,6 +195,12 @@ def main() -> None:
     ap.add_argument("--stream", default="examples/quickstart.yaml")
     ap.add_argument("--steps", type=int, help="training steps per stage, both sides (default: the stream's cap)")
     ap.add_argument("--eval", type=int, help="test examples per task, both sides (default: the stream's cap)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        help="torch threads on both sides (the stream's cpus_per_worker); fewer than the cores leaves Ray's own "
+        "processes a core of their own",
+    )
     ap.add_argument(
         "--repeat", type=int, default=1, help="pairs of runs, the order alternating (plain first in even pairs)"
     )
