@@ -49,6 +49,11 @@ def init_ray(num_cpus: int | None = None) -> float:
         # RAY_ADDRESS (set by `ray job submit`, or by hand) attaches to that cluster; otherwise always a fresh local
         # one, never whichever other Ray instance happens to run on this machine
         address = None if os.environ.get("RAY_ADDRESS") else "local"
+        if address == "local":
+            # Train V2's preemption watcher (an actor polling for nodes about to be taken away) has nothing to watch on
+            # the one machine that also runs this driver; idle, it still wakes ~160 times a second on the cores the
+            # training uses (benchmarks/proc_activity.py). Passed on to the controller by fit(); a user's value wins.
+            os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         ray.init(address=address, num_cpus=num_cpus, dashboard_host="127.0.0.1", log_to_driver=False)
         import logging
 
@@ -271,7 +276,9 @@ def run_stream(
     current, seen = start, 0
     t_fit = time.perf_counter()
     fit = _Fit(trainer)
-    with Progress(*columns, console=console) as bar:
+    # the driver shares the cores with the training worker (and, at nice 0, preempts it): a step takes seconds on
+    # CPU, so four redraws a second and a poll every half second lose nothing a user sees
+    with Progress(*columns, console=console, refresh_per_second=4) as bar:
         bars = {start: bar.add_task(f"stage {start + 1}/{n_tasks}: {names[start]}", total=steps[start], info="start")}
         fit.start()
         while current < n_tasks:
@@ -296,7 +303,7 @@ def run_stream(
                 continue
             if not alive:
                 break
-            time.sleep(0.2)
+            time.sleep(0.5)
         fit.join()
     timings["fit_s"] = time.perf_counter() - t_fit
     (run_dir / "timings.json").write_text(json.dumps(timings, indent=1))
