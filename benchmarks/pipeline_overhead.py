@@ -40,7 +40,15 @@ def plain_loop(stream, model_dir: Path, steps: int, cap: int) -> dict[str, float
     from gorp.loop import train_step
     from gorp.methods import build_method
     from gorp.models import load_model
-    from pipelines.data import BadRecord, Encoder, PadCollate, format_prompt, load_eval_set, scan_records
+    from pipelines.data import (
+        BadRecord,
+        Encoder,
+        PadCollate,
+        cap_eval_set,
+        format_prompt,
+        load_eval_set,
+        scan_records,
+    )
     from pipelines.evaluate import evaluate_task
 
     torch.set_num_threads(int(stream.scaling.cpus_per_worker))
@@ -59,13 +67,7 @@ def plain_loop(stream, model_dir: Path, steps: int, cap: int) -> dict[str, float
         table = pa.table({"input_ids": ex["input_ids"], "labels": ex["labels"]})
         collate, bs = PadCollate(tok.pad_token_id), stream.training.batch_size
         batches.append([collate(table.slice(i * bs, bs)) for i in range(steps)])
-        es = load_eval_set(task, tempfile.mkdtemp())
-        evals[task.name] = {
-            **es,
-            "prompts": es["prompts"][:cap],
-            "answers": es["answers"][:cap],
-            "max_prompt_tokens": task.max_source_tokens,  # as the pipeline truncates them
-        }
+        evals[task.name] = cap_eval_set(load_eval_set(task, tempfile.mkdtemp()), cap)  # as the pipeline does
     out["data_s"] = time.perf_counter() - t
     names = [task.name for task in stream.tasks]
 
@@ -175,7 +177,9 @@ def timed_side(side: str, args) -> dict[str, float]:
     """Spawn a fresh process for one side; its parts, with process start = wall time - what the parts cover."""
     out = Path(tempfile.mkstemp(suffix=f"-{side}.json")[1])
     cmd = [sys.executable, __file__, "--side", side, "--out", str(out), "--stream", args.stream]
-    cmd += ["--steps", str(args.steps), "--eval", str(args.eval), "--threads", str(args.threads or 0)]
+    cmd += ["--steps", str(args.steps), "--eval", str(args.eval)]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
     t = time.perf_counter()
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     wall = time.perf_counter() - t
@@ -208,14 +212,6 @@ def main() -> None:
     ap.add_argument("--side", choices=("pipeline", "plain"), help=argparse.SUPPRESS)  # a child process
     ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.steps is None or args.eval is None:
-        from pipelines.spec import load_stream
-
-        training = load_stream(args.stream).training
-        args.steps = args.steps or training.max_steps
-        args.eval = args.eval or training.max_eval_examples
-        if args.steps is None or args.eval is None:
-            ap.error("the stream caps neither steps nor test examples: give --steps and --eval")
     if args.side:
         one_side(args)
         return
@@ -230,6 +226,10 @@ def main() -> None:
 
     console = Console(width=130)
     stream = load_stream(args.stream)
+    args.steps = stream.training.max_steps if args.steps is None else args.steps
+    args.eval = stream.training.max_eval_examples if args.eval is None else args.eval
+    if args.steps is None or args.eval is None:
+        ap.error("the stream caps neither steps nor test examples: give --steps and --eval")
     resolve_model(stream.model, console=console)  # prepared before anything is timed
 
     pairs = []
@@ -250,6 +250,8 @@ def main() -> None:
         return statistics.median(values) if values else None
 
     title = f"{stream.name}: {len(stream.tasks)} stages x {args.steps} steps, {args.eval} test examples/task"
+    if args.threads:
+        title += f", {args.threads} torch thread(s) a side"
     if args.repeat > 1:
         title += f" (medians of {args.repeat} pairs)"
     table = Table(title=title)

@@ -90,6 +90,7 @@ __all__ = [  # validation (pipelines.records), tokenization (.encoding) and feed
     "PreparedTask",
     "prepare_stream",
     "load_eval_set",
+    "cap_eval_set",
     "PadCollate",
     "steps_per_epoch",
     "take_steps",
@@ -367,7 +368,7 @@ class PreparedTask:
 
     name: str
     split: PreparedSplit  # train
-    eval_set: dict[str, Any]  # prompts, answers, metric, labels
+    eval_set: dict[str, Any]  # prompts, answers, metric, labels, max_prompt_tokens
     digests: dict[str, str]  # split -> sha256 of its file (lineage)
 
     @property
@@ -380,7 +381,8 @@ class PreparedTask:
 
 
 def load_eval_set(task: Task, quarantine_dir: str | Path) -> dict[str, Any]:
-    """The test split as formatted prompts and answers; bad records per on_bad_record (quarantined when skipped)."""
+    """The test split as formatted prompts and answers; bad records per on_bad_record (quarantined when skipped).
+    Prompts are to be cut to the task's ``max_source_tokens``, as training cuts them."""
     columns = task.columns.model_dump()
     validate_file(
         task.test,
@@ -395,7 +397,13 @@ def load_eval_set(task: Task, quarantine_dir: str | Path) -> dict[str, Any]:
         "answers": [r["output"] for r in recs],
         "metric": task.metric,
         "labels": task.labels,
+        "max_prompt_tokens": task.max_source_tokens,
     }
+
+
+def cap_eval_set(eval_set: dict[str, Any], cap: int | None) -> dict[str, Any]:
+    """The eval set with only its first ``cap`` examples (all with None)."""
+    return {**eval_set, "prompts": eval_set["prompts"][:cap], "answers": eval_set["answers"][:cap]}
 
 
 def prepare_stream(

@@ -114,7 +114,7 @@ def run_stream(
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from pipelines.data import prepare_stream
+    from pipelines.data import cap_eval_set, prepare_stream
     from pipelines.demo_model import resolve_model
     from pipelines.lineage import DataRef, Lineage, quiet_mlflow_logs, tracking_uri_for
     from pipelines.report import plot_forgetting, plot_heatmap, render_table, write_results
@@ -136,16 +136,7 @@ def run_stream(
     timings["data_s"] = time.perf_counter() - t0
     names = [task.name for task in stream.tasks]
     n_tasks = len(names)
-    cap = stream.training.max_eval_examples
-    eval_sets = {
-        p.name: {
-            **p.eval_set,
-            "prompts": p.eval_set["prompts"][:cap],
-            "answers": p.eval_set["answers"][:cap],
-            "max_prompt_tokens": t.max_source_tokens,
-        }
-        for p, t in zip(prepared, stream.tasks, strict=True)
-    }
+    eval_sets = {p.name: cap_eval_set(p.eval_set, stream.training.max_eval_examples) for p in prepared}
 
     t0 = time.perf_counter()
     quiet_mlflow_logs()

@@ -250,8 +250,13 @@ def run_stage(
         tokens += int(batch["attention_mask"].sum())
         if rank == 0:
             elapsed = time.perf_counter() - t_train
-            row = {"step": step + 1, "steps": steps, "loss": loss, "tokens_per_s": tokens / elapsed}
-            row["elapsed_s"] = elapsed
+            row = {
+                "step": step + 1,
+                "steps": steps,
+                "loss": loss,
+                "tokens_per_s": tokens / elapsed,
+                "elapsed_s": elapsed,
+            }
             with progress.open("a") as f:
                 f.write(json.dumps(row) + "\n")
         if every and (step + 1) % every == 0 and step + 1 < steps:
