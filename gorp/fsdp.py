@@ -23,8 +23,12 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     return blocks
 
 
-def shard_model(model: nn.Module, mesh=None) -> nn.Module:
-    """``fully_shard`` each transformer block, then the root (in place; returns the model)."""
+def shard_model(model: nn.Module, mesh=None, mp_policy=None) -> nn.Module:
+    """``fully_shard`` each transformer block, then the root (in place; returns the model).
+
+    ``mp_policy``: an FSDP2 ``MixedPrecisionPolicy`` (``gorp.precision.Precision.mp_policy()``); None: float32
+    throughout. Activation checkpointing (:func:`gorp.models.enable_activation_checkpointing`) goes on before this.
+    """
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -33,9 +37,10 @@ def shard_model(model: nn.Module, mesh=None) -> nn.Module:
 
         device = "cuda" if torch.cuda.is_available() and dist.get_backend() == "nccl" else "cpu"
         mesh = init_device_mesh(device, (dist.get_world_size(),))
+    kw = {} if mp_policy is None else {"mp_policy": mp_policy}
     for block in transformer_blocks(model):
-        fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+        fully_shard(block, mesh=mesh, **kw)
+    fully_shard(model, mesh=mesh, **kw)
     return model
 
 

@@ -11,16 +11,29 @@ import torch
 from torch import nn
 
 from gorp.methods.base import Batch, ContinualMethod
+from gorp.precision import Precision
 
 
 def train_step(
-    model: nn.Module, method: ContinualMethod, optimizer: torch.optim.Optimizer, batch: Batch, grad_clip: float | None
+    model: nn.Module,
+    method: ContinualMethod,
+    optimizer: torch.optim.Optimizer,
+    batch: Batch,
+    grad_clip: float | None,
+    precision: Precision | None = None,
 ) -> float:
-    """One optimizer step; returns the task loss (without the method's extra loss)."""
-    out = model(**batch)
-    loss = out.loss
-    extra = method.extra_loss(model)
-    total = loss if extra is None else loss + extra
+    """One optimizer step; returns the task loss (without the method's extra loss).
+
+    ``precision``: bf16 runs the forward and the loss under ``torch.autocast`` (float32 parameters and gradients);
+    None or fp32: plain float32. Under FSDP2 the bf16 casts come from the sharding's ``MixedPrecisionPolicy`` instead
+    (:func:`gorp.fsdp.shard_model`), and passing the precision here as well changes nothing.
+    """
+    device_type = batch["input_ids"].device.type
+    with (precision or Precision()).autocast(device_type):
+        out = model(**batch)
+        loss = out.loss
+        extra = method.extra_loss(model)
+        total = loss if extra is None else loss + extra
     total.backward()
     if grad_clip:
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], grad_clip)
@@ -38,13 +51,14 @@ def train_task(
     grad_clip: float | None = 1.0,
     max_steps: int | None = None,
     on_step: Callable[[int, float], None] | None = None,
+    precision: Precision | None = None,
 ) -> list[float]:
     model.train()
     losses = []
     for step, batch in enumerate(batches):
         if max_steps is not None and step >= max_steps:
             break
-        losses.append(train_step(model, method, optimizer, batch, grad_clip))
+        losses.append(train_step(model, method, optimizer, batch, grad_clip, precision))
         if on_step is not None:
             on_step(step, losses[-1])
     return losses

@@ -170,3 +170,28 @@ def tiny_t5(seed: int = 0, *, vocab_size: int = 128, d_model: int = 32, layers: 
         eos_token_id=1,
     )
     return T5ForConditionalGeneration(cfg).float()
+
+
+def enable_activation_checkpointing(model: nn.Module) -> nn.Module:
+    """Recompute each decoder block's activations in the backward pass instead of keeping them (non-reentrant
+    ``torch.utils.checkpoint``, one checkpoint per block; in place, returns ``model``).
+
+    Uses Transformers' own per-layer checkpointing (``GradientCheckpointingLayer``), which wraps each block's
+    ``forward``, not its ``__call__``: module hooks (FSDP2's all-gather and reshard) stay outside the checkpoint, so it
+    composes with :func:`gorp.fsdp.shard_model` (call this first) and with PEFT adapters (seen through the wrapper; the
+    non-reentrant variant needs no input that requires grad). Parameter names do not change, so task memory and
+    state dicts are unaffected. The KV cache is off while checkpointing (the replay would append to it twice).
+
+    Order in a stage: ``method.setup_task`` (adds the adapters), then this, then ``shard_model``. Enabled before PEFT
+    wraps the model it works too, but PEFT then also makes the embedding output require grad (a reentrant-checkpoint
+    workaround this variant does not need).
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not getattr(base, "supports_gradient_checkpointing", False):
+        raise ValueError(f"{type(base).__name__} does not support activation checkpointing")
+    kwargs = {"use_reentrant": False}
+    if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.x; the older name is deprecated
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    return model
