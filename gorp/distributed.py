@@ -72,3 +72,20 @@ def gather_rows(local: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
     out = [torch.empty_like(padded) for _ in counts]
     dist.all_gather(out, padded.contiguous(), group=group)
     return torch.cat([o[:c] for o, c in zip(out, counts, strict=True)], dim=0)
+
+
+def rank_and_world() -> tuple[int, int]:
+    """(rank, world size) of the default process group; (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def all_mean(x: float) -> float:
+    """The mean of a Python number over all ranks of the default group (the number itself in one process)."""
+    _, world = rank_and_world()
+    if world == 1:
+        return x
+    t = torch.tensor([x], dtype=torch.float64)
+    dist.all_reduce(t)
+    return float(t.item()) / world

@@ -26,12 +26,17 @@ def _load(stream_path: Path):
 @app.command()
 def validate(stream: Path = typer.Argument(..., help="the stream YAML")) -> None:
     """Check a stream without training: files, records, columns, labels, token lengths; print the plan."""
-    from pipelines.data import DataError, load_tokenizer
-    from pipelines.demo_model import DEMO_MODELS, demo_model_dir
+    from pipelines.demo_model import DEMO_MODELS, demo_model_dir, resolve_model
+    from pipelines.encoding import load_tokenizer
+    from pipelines.records import DataError
     from pipelines.spec import check_stream
 
     spec = _load(stream)
-    folder = demo_model_dir(spec.model) if spec.model in DEMO_MODELS else Path(spec.model)
+    try:
+        folder = demo_model_dir(spec.model) if spec.model in DEMO_MODELS else resolve_model(spec.model)
+    except FileNotFoundError as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from None
     tokenizer = None  # token lengths need the tokenizer: used when the model folder is already there
     if (folder / "tokenizer_config.json").exists():
         tokenizer = load_tokenizer(folder, trust_remote_code=spec.trust_remote_code)
@@ -50,42 +55,58 @@ def validate(stream: Path = typer.Argument(..., help="the stream YAML")) -> None
 def run(
     stream: Path = typer.Argument(..., help="the stream YAML"),
     method: str = typer.Option(
-        None, help="override the stream's method (gorp, full, lora, olora, galore, osft, slice)"
+        None, help="override the stream's method (its method_args must fit it): gorp, full, lora, olora, galore, ..."
     ),
     run_dir: Path = typer.Option(None, help="override the stream's run directory (results.json lands here)"),
     resume: bool = typer.Option(
         False,
         "--resume",
-        help="continue the sequence: skip completed stages, resume the interrupted one from its last checkpoint",
+        help="continue an interrupted sequence: skip completed stages, resume the interrupted one from its checkpoint",
     ),
     restart: bool = typer.Option(
-        False, "--restart", help="start a new sequence even if an interrupted one with this configuration exists"
+        False, "--restart", help="start a new sequence even if one with this configuration exists"
+    ),
+    start_from: str = typer.Option(
+        None, help="start the first stage from this model instead: models:/NAME@alias, models:/NAME/N, a stage folder"
+    ),
+    storage: str = typer.Option(
+        None, help="where stage models and checkpoints go (default: the run directory): a folder or s3://, gs://..."
     ),
 ) -> None:
     """Train the stream's tasks in order, evaluating after every stage on every task seen so far."""
-    from pipelines.data import DataError
-    from pipelines.driver import SequenceExists, StageFailed, run_stream
+    from pipelines.records import DataError
+    from pipelines.report import render_table
+    from pipelines.run import SequenceExists, run_stream
+    from pipelines.sequence import StageFailed
 
     spec = _load(stream)
-    if method is not None:
-        from gorp.methods import METHODS
-
-        if method not in METHODS:
-            console.print(f"[red]error:[/red] unknown method {method!r}; choose from {sorted(METHODS)}")
-            raise typer.Exit(2)
     t = time.perf_counter()
     try:
-        results = run_stream(spec, method=method, run_dir=run_dir, resume=resume, restart=restart, console=console)
-    except DataError as e:
+        result = run_stream(
+            spec,
+            method=method,
+            run_dir=run_dir,
+            resume=resume,
+            restart=restart,
+            start_from=start_from,
+            storage=storage,
+            console=console,
+        )
+    except (DataError, ValueError, LookupError, FileNotFoundError) as e:
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from None
-    except (StageFailed, SequenceExists) as e:
+    except StageFailed as e:
+        console.print(f"[red]error:[/red] {e}`gorp run --resume` continues from the failed stage")
+        raise typer.Exit(1) from None
+    except SequenceExists as e:
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(1) from None
     out = Path(run_dir or spec.run_dir)
-    console.print(f"wall time {time.perf_counter() - t:.0f} s; results in {out / 'results.json'}")
-    if results.get("aa") is None:
-        raise typer.Exit(1)
+    console.print(render_table(result.tasks, result.matrix, result.zero_shot, result.summary))
+    console.print(
+        f"{result.stages[-1].method if result.stages else spec.method}: wall time "
+        f"{time.perf_counter() - t:.0f} s; results in {out / 'results.json'}"
+    )
 
 
 @app.command()
@@ -95,7 +116,7 @@ def lineage(
     as_json: bool = typer.Option(False, "--json", help="print JSON for scripts"),
 ) -> None:
     """The chain of model versions: task, parent, method, data digest, AA, BWT, aliases, and the accuracy matrix."""
-    from pipelines.lineage import lineage_command
+    from pipelines.registry import lineage_command
 
     raise typer.Exit(lineage_command(name, tracking_uri, as_json, console=console))
 

@@ -31,24 +31,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipelines.encoding import (  # re-exported: the tokenization half of this module's API
-    PART,
-    Encoder,
-    PartSpec,
-    TokenizeBatch,
-    load_tokenizer,
-    tokenizer_identity,
-)
-from pipelines.feeding import (  # re-exported: the feeding half of this module's API
-    IGNORE_INDEX,
-    MODEL_COLUMNS,
-    PadCollate,
-    epoch_batches,
-    iter_parquet_batches,
-    steps_per_epoch,
-    take_steps,
-    train_batches,
-)
+from pipelines import storage
+from pipelines.encoding import PART, PartSpec, TokenizeBatch, load_tokenizer, tokenizer_identity
+from pipelines.feeding import MODEL_COLUMNS
 from pipelines.records import (
     MAX_RECORD_BYTES,
     TEMPLATE_VERSION,
@@ -57,7 +42,6 @@ from pipelines.records import (
     ValidationReport,
     file_digest,
     format_prompt,
-    format_target,
     read_records,
     scan_records,
     validate_file,
@@ -67,37 +51,6 @@ if TYPE_CHECKING:
     import ray.data
 
     from pipelines.spec import Task
-
-__all__ = [  # validation (pipelines.records), tokenization (.encoding) and feeding (.feeding) are re-exported
-    "BadRecord",
-    "DataError",
-    "ValidationReport",
-    "file_digest",
-    "read_records",
-    "scan_records",
-    "validate_file",
-    "format_prompt",
-    "format_target",
-    "IGNORE_INDEX",
-    "Encoder",
-    "PartSpec",
-    "TokenizeBatch",
-    "load_tokenizer",
-    "tokenizer_identity",
-    "PreparedSplit",
-    "prepare_split",
-    "prepare_splits",
-    "PreparedTask",
-    "prepare_stream",
-    "load_eval_set",
-    "cap_eval_set",
-    "PadCollate",
-    "steps_per_epoch",
-    "take_steps",
-    "epoch_batches",
-    "train_batches",
-    "iter_parquet_batches",
-]
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +66,7 @@ class PreparedSplit:
 
     task: str
     split: str
-    source: Path  # the data file
+    source: str  # the data file (a local path or a URI)
     digest: str  # its sha256 (file_digest)
     path: Path  # the folder of Parquet files
     num_rows: int
@@ -149,7 +102,7 @@ def _load_entry(entry: Path, task: str, split: str, cache_hit: bool) -> Prepared
         path=entry / "data",
         cache_hit=cache_hit,
         quarantine=quarantine if meta["num_bad"] else None,
-        **{k: Path(meta[k]) if k == "source" else meta[k] for k in _STORED},
+        **{k: meta[k] for k in _STORED},
     )
 
 
@@ -158,7 +111,7 @@ class _Miss:
     """A split that is not in the cache yet: built in ``tmp``, renamed to ``entry`` when complete."""
 
     task: Task
-    source: Path
+    source: str
     digest: str
     entry: Path
     tmp: Path
@@ -193,8 +146,8 @@ def prepare_splits(
         source = getattr(task, split, None)
         if split not in ("train", "validation", "test") or source is None:
             raise ValueError(f"task {task.name!r} has no {split!r} split")
-        source = Path(source)
-        if not source.is_file():
+        source = str(source)
+        if not storage.exists(source):
             raise DataError(f"{source}: file not found (task {task.name!r}, {split} split)")
         digest = file_digest(source)
         key = {

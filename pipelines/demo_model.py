@@ -20,6 +20,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -77,18 +78,43 @@ def demo_model_dir(name: str, cache_dir: str | os.PathLike | None = None) -> Pat
     return cache_root(cache_dir) / "models" / _lookup(name).folder
 
 
+HF_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
 def resolve_model(spec: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None, console=None) -> Path:
-    """A model folder for ``spec``: an existing local path as is, or a ``demo:`` name, prepared on first use."""
+    """A local model folder for ``spec``: an existing local path as is; a ``demo:`` name, prepared on first use; a
+    URI (``s3://...``), downloaded once into the cache; a Hugging Face model id (``org/name``), found in the local
+    Hugging Face cache (``HF_HUB_CACHE``; nothing is downloaded: fetch it beforehand with ``hf download``)."""
+    from pipelines import storage
+
     spec = str(spec)
     if spec.startswith("demo:"):
         return prepare_demo_model(spec, cache_dir, console=console)
+    if storage.is_uri(spec):
+        return storage.local_dir(spec)
     path = Path(spec).expanduser()
-    if not path.exists():
+    if path.exists():
+        return path
+    if HF_REPO_ID.match(spec):
+        return _from_hf_cache(spec)
+    raise FileNotFoundError(
+        f"model path {spec!r} does not exist: give a local model folder (config.json + weights), a URI, a Hugging "
+        f"Face model id in the local cache, or a demo model ({', '.join(DEMO_MODELS)})"
+    )
+
+
+def _from_hf_cache(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except LocalEntryNotFoundError:
+        cache = os.environ.get("HF_HUB_CACHE", "~/.cache/huggingface/hub")
         raise FileNotFoundError(
-            f"model path {spec!r} does not exist: give a local model folder (config.json + weights) "
-            f"or a demo model ({', '.join(DEMO_MODELS)})"
-        )
-    return path
+            f"model {repo_id!r} is not in the local Hugging Face cache ({cache}); this machine does not download "
+            f"models: put it there (`hf download {repo_id}`) or give a local folder"
+        ) from None
 
 
 def prepare_demo_model(

@@ -5,20 +5,24 @@ through ``MlflowClient``; nothing here starts, ends or reads the fluent active r
 ``mlflow.start_run()`` is left alone.
 
     lin = Lineage(tracking_uri_for(run_dir, stream.tracking_uri))
-    parent = lin.start_sequence(stream.name, chash, resolved_config, resume=True)
-    done = lin.completed_stages(parent)                    # stage -> StageRecord, skipped on --resume
+    parent = lin.find_sequence(stream.name, identity)      # the newest sequence with this configuration, or None
+    done = lin.completed_stages(parent)                    # stage -> StageRecord (its version's source, its row)
+    parent = lin.start_sequence(stream.name, identity, resolved_config, sequence_id, reopen=parent)
     run = lin.start_stage(parent, t, task.name, {"steps": steps, "method": method})
     lin.log_step_metrics(run, [{"step": 1, "loss": 2.3, "lr": 1e-4, "tokens_per_s": 210.0}, ...])
     lin.log_stage_result(run, row, summary, run_dir / "heatmap.png", data=[("t/train", path, digest, "train")])
-    version = lin.register_stage(run, "wordnet-gorp", out_dir, {"method": method, "data_digest": d, "config_hash": h})
+    version = lin.register_stage(run, "wordnet-gorp", model_uri, {"method": method, "data_digest": d})
     lin.finish_stage(run)                                  # or finish_stage(run, "FAILED", error=traceback)
     lin.finish_sequence(parent)
 
 The registry side (versions, the promotion gate, ``gorp lineage``, loading a version) is in ``pipelines.registry``.
+:class:`LineageRecorder` is the callback of :func:`pipelines.sequence.run_sequence` that makes these calls as a
+sequence runs.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -30,33 +34,9 @@ from typing import Any, NamedTuple
 
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param
 
-from pipelines.registry import (
-    client_for,
-    gate,
-    gate_reason,
-    lineage_command,
-    lineage_report,
-    load_version,
-    local_path,
-    metric_key,
-    quiet_mlflow_logs,
-    register_version,
-    render_lineage,
-)
-
-__all__ = [
-    "DataRef",
-    "Lineage",
-    "StageRecord",
-    "gate",
-    "gate_reason",
-    "lineage_command",
-    "lineage_report",
-    "load_version",
-    "quiet_mlflow_logs",
-    "render_lineage",
-    "tracking_uri_for",
-]
+from pipelines.registry import DEFAULT_MAX_FORGETTING, client_for, local_path, metric_key, register_version
+from pipelines.results import SequenceResult, StageResult
+from pipelines.sequence import Callback, SequencePlan
 
 MAX_PARAM_VALUE = 6000  # MLflow 3 limit
 _BATCH = 500
@@ -124,16 +104,20 @@ class Lineage:
         tracking_uri: str,
         experiment: str | None = None,
         *,
-        aa_tolerance: float = 0.0,
+        max_forgetting: float = DEFAULT_MAX_FORGETTING,
         new_task_floor: float = 0.0,
     ):
         self.tracking_uri = tracking_uri
         self.experiment = experiment
-        self.aa_tolerance, self.new_task_floor = aa_tolerance, new_task_floor
-        db_dir = _sqlite_dir(tracking_uri)
+        self.max_forgetting, self.new_task_floor = max_forgetting, new_task_floor
+
+    @functools.cached_property
+    def client(self):
+        """Opened on first use: constructing a Lineage creates no store (a run that fails on bad input leaves none)."""
+        db_dir = _sqlite_dir(self.tracking_uri)
         if db_dir is not None:
             db_dir.mkdir(parents=True, exist_ok=True)
-        self.client = client_for(tracking_uri)
+        return client_for(self.tracking_uri)
 
     # -- sequence ------------------------------------------------------------------------------------------------
     def _experiment_id(self, name: str) -> str:
@@ -146,17 +130,24 @@ class Lineage:
         location = (db_dir / "mlartifacts").as_uri() if db_dir is not None else None
         return self.client.create_experiment(name, artifact_location=location)
 
-    def start_sequence(self, stream_name: str, config_hash: str, params: dict[str, Any], resume: bool = False) -> str:
+    def start_sequence(
+        self, stream_name: str, config_hash: str, params: dict[str, Any], sequence_id: str, reopen: str | None = None
+    ) -> str:
         """The parent run of a sequence (experiment: the configured name, else the stream's). ``params`` is the
-        resolved stream config: logged as params and as ``stream.json``. With ``resume``, the newest parent run with
-        this config hash is reopened instead of creating another one."""
+        resolved stream config: logged as params and as ``stream.json``; ``sequence_id`` names the sequence's folder
+        in the run's storage (tag ``gorp.sequence_id``). ``reopen``: an existing parent run to continue instead."""
         exp_id = self._experiment_id(self.experiment or stream_name)
-        run_id = self.find_sequence(stream_name, config_hash) if resume else None
+        run_id = reopen
         if run_id is not None and self.client.get_run(run_id).info.status != "RUNNING":
             self.client.update_run(run_id, status="RUNNING")
         if run_id is None:
-            tags = {"gorp.kind": "sequence", "gorp.stream": stream_name, "gorp.config_hash": config_hash}
-            run_id = self.client.create_run(exp_id, tags=tags, run_name=f"{stream_name}-{config_hash}").info.run_id
+            tags = {
+                "gorp.kind": "sequence",
+                "gorp.stream": stream_name,
+                "gorp.config_hash": config_hash,
+                "gorp.sequence_id": sequence_id,
+            }
+            run_id = self.client.create_run(exp_id, tags=tags, run_name=f"{stream_name}-{sequence_id}").info.run_id
             self.client.log_dict(run_id, params, "stream.json")
         self._log_params(run_id, params)
         return run_id
@@ -173,6 +164,11 @@ class Lineage:
             max_results=1,
         )
         return found[0].info.run_id if found else None
+
+    def sequence_info(self, parent_id: str) -> tuple[str, str]:
+        """(the sequence's id in the run's storage, the parent run's status)."""
+        run = self.client.get_run(parent_id)
+        return run.data.tags.get("gorp.sequence_id", parent_id[:8]), run.info.status
 
     def finish_sequence(self, parent_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(parent_id, status)
@@ -292,41 +288,27 @@ class Lineage:
             self.client.log_inputs(run_id, datasets=[_dataset_input(DataRef(*d)) for d in data])
 
     def register_stage(
-        self,
-        run_id: str,
-        model_name: str,
-        model_dir: str | Path,
-        tags: dict[str, Any] | None = None,
-        *,
-        upload: bool = False,
-        aa_tolerance: float | None = None,
-        new_task_floor: float | None = None,
+        self, run_id: str, model_name: str, source: str | Path, tags: dict[str, Any] | None = None
     ) -> int:
-        """Register the stage's model folder as a new version of ``model_name``; returns the version number.
-
-        The source is the absolute folder; with ``upload`` the folder is first logged as the run's ``model``
-        artifacts and the version points there (portable with a remote artifact store). ``champion`` moves when
-        :func:`gate` passes; ``@latest`` is MLflow's implicit newest version. Registering a stage twice returns the
-        first version."""
-        run = self.client.get_run(run_id)
-        source = None
-        if upload:
-            if not any(v.tags.get("stage") == run.data.tags["gorp.stage"] for v in self._versions_of(run_id)):
-                self.client.log_artifacts(run_id, str(model_dir), "model")
-            source = f"{run.info.artifact_uri}/model"
+        """Register the stage's model (a local folder or a URI in the run's storage) as a new version of
+        ``model_name``; returns the version number. ``champion`` moves when the promotion gate passes
+        (:func:`pipelines.registry.gate_reason`); ``@latest`` is MLflow's implicit newest version. Registering a stage
+        twice returns the first version."""
+        source = str(source)
+        if local_path(source) is not None:
+            folder = Path(local_path(source)).resolve()
+            if not folder.is_dir():
+                raise FileNotFoundError(f"model folder {str(folder)!r} does not exist")
+            source = str(folder)
         return register_version(
             self.client,
-            run,
+            self.client.get_run(run_id),
             model_name,
-            model_dir,
+            source,
             tags or {},
-            aa_tolerance=self.aa_tolerance if aa_tolerance is None else aa_tolerance,
-            new_task_floor=self.new_task_floor if new_task_floor is None else new_task_floor,
-            source=source,
+            max_forgetting=self.max_forgetting,
+            new_task_floor=self.new_task_floor,
         )
-
-    def _versions_of(self, run_id: str) -> list:
-        return list(self.client.search_model_versions(f"run_id='{run_id}'"))
 
     def finish_stage(self, run_id: str, status: str = "FINISHED", error: str | None = None) -> None:
         """End a stage run. A failed stage keeps its error (tag ``gorp.error`` and ``error.txt``) and registers
@@ -360,3 +342,60 @@ def _result_of(data) -> dict[str, dict[str, float]]:
     summary = {k: data.metrics[k] for k in ("aa", "bwt", "fwt", "forgetting") if k in data.metrics}
     clean = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in summary.items()}
     return {"row": row, "summary": clean, "zero_shot": zero}
+
+
+class LineageRecorder(Callback):
+    """Records a sequence in MLflow as it runs: the parent run on start, a child run per stage, its loss curve, row,
+    metrics and data sources, and a registered model version whose source is the stage's model in the run's storage.
+
+    Wire it in after :class:`pipelines.recorders.ResultsWriter` (it logs the heatmap that one draws)."""
+
+    def __init__(self, lineage: Lineage, identity: str, *, run_dir: str | Path, reopen: str | None = None, say=None):
+        self.lin, self.identity, self.run_dir, self.parent = lineage, identity, Path(run_dir), reopen
+        self.say = say or (lambda text: None)
+        self.run_ids: dict[int, str] = {}
+        self.stages: list[StageResult] = []
+
+    def on_start(self, plan: SequencePlan) -> None:
+        resolved = {**plan.stream.model_dump(mode="json"), "method": plan.method, "method_args": plan.method_args}
+        name = plan.stream.name
+        self.parent = self.lin.start_sequence(name, self.identity, resolved, plan.sequence_id, reopen=self.parent)
+        self.stages = list(plan.history)
+
+    def on_stage_start(self, plan: SequencePlan, stage: int) -> None:
+        sc = plan.stream.scaling
+        params = {"method": plan.method, "steps": plan.steps[stage], "num_workers": sc.num_workers, "fsdp": sc.fsdp}
+        self.run_ids[stage] = self.lin.start_stage(self.parent, stage, plan.tasks[stage], params)
+
+    def on_stage_end(self, plan: SequencePlan, result: StageResult) -> None:
+        t, run_id, names = result.stage, self.run_ids[result.stage], plan.tasks
+        self.stages.append(result)
+        seq = SequenceResult(plan.stream.name, plan.sequence_id, names, self.stages)
+        first = result.resumed_from + 1
+        self.lin.log_step_metrics(run_id, [{"step": first + i, "loss": v} for i, v in enumerate(result.losses)])
+        task = plan.stream.tasks[t]
+        digests = plan.prepared[t].digests
+        data = [DataRef(f"{names[t]}/{s}", str(p), digests[s], s) for s, p in task.sources().items()]
+        zero_shot = dict(zip(names, seq.zero_shot, strict=True)) if t == 0 else None
+        row = dict(zip(names, seq.matrix[-1], strict=True))
+        self.lin.log_stage_result(run_id, row, seq.summary, self.run_dir / "heatmap.png", data, zero_shot=zero_shot)
+        tags = {
+            "method": plan.method,
+            "data_digest": digests["train"],
+            "config_hash": self.identity,
+            "tasks": ",".join(names[: t + 1]),
+        }
+        version = self.lin.register_stage(run_id, plan.stream.name, result.model_uri, tags)
+        self.lin.finish_stage(run_id)
+        self.say(f"stage {t + 1}/{len(names)} {names[t]}: registered {plan.stream.name} version {version}")
+
+    def on_end(self, plan: SequencePlan, result: SequenceResult) -> None:
+        self.lin.finish_sequence(self.parent)
+
+    def on_failure(self, plan: SequencePlan, stage: int, error: BaseException | None) -> None:
+        import traceback
+
+        text = "".join(traceback.format_exception(error)) if error else "the worker group ended before the stage ended"
+        if stage in self.run_ids:
+            self.lin.finish_stage(self.run_ids[stage], "FAILED", error=text)
+        self.lin.finish_sequence(self.parent, "FAILED")

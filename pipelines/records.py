@@ -16,11 +16,14 @@ import json
 import logging
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlparse
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from pipelines import storage
 
 if TYPE_CHECKING:
     import ray.data
@@ -54,9 +57,14 @@ class _Bad(str):
 
 
 def file_digest(path: str | Path) -> str:
-    """sha256 (hex) of a file's bytes: the data identity recorded in lineage and used in cache keys."""
-    with open(path, "rb") as f:
+    """sha256 (hex) of a file's bytes (a local path or a URI): the data identity in lineage and cache keys."""
+    with storage.open_input(path) as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def suffix(path: str | Path) -> str:
+    """The lower-case suffix of a path or a URI (``.jsonl``)."""
+    return PurePosixPath(urlparse(str(path)).path if storage.is_uri(path) else str(path)).suffix.lower()
 
 
 # ---------------------------------------------------------------- validation
@@ -74,17 +82,17 @@ def scan_records(
     ``columns`` maps each canonical field to the file's column (None: the field is absent, read as ""). Problems of
     the whole file (missing, empty, unreadable, a mapped column absent) raise DataError instead.
     """
-    path = Path(path)
+    path = str(path)
     cols = dict(zip(FIELDS, FIELDS, strict=True)) | dict(columns or {})
     scanners = {".jsonl": _scan_jsonl, ".json": _scan_json, ".csv": _scan_csv, ".parquet": _scan_parquet}
-    if path.suffix.lower() not in scanners:
-        raise DataError(f"{path}: unsupported file type {path.suffix!r} (use .jsonl, .json, .parquet or .csv)")
-    if not path.is_file():
+    if suffix(path) not in scanners:
+        raise DataError(f"{path}: unsupported file type {suffix(path)!r} (use .jsonl, .json, .parquet or .csv)")
+    if not storage.exists(path):
         raise DataError(f"{path}: file not found")
-    if path.stat().st_size == 0:
+    if storage.size(path) == 0:
         raise DataError(f"{path}: empty file (no records)")
     n = 0
-    for unit, loc, raw, obj in scanners[path.suffix.lower()](path, [c for c in cols.values() if c]):
+    for unit, loc, raw, obj in scanners[suffix(path)](path, [c for c in cols.values() if c]):
         n += 1
         size = len(raw.encode("utf-8", "replace"))
         if size > max_record_bytes and not isinstance(obj, _Bad):
@@ -118,8 +126,8 @@ def _check_record(obj: Any, cols: Mapping[str, str | None], labels: Sequence[str
     return rec
 
 
-def _scan_jsonl(path: Path, _columns: list[str]) -> Iterator[tuple[str, int, str, Any]]:
-    with open(path, "rb") as f:
+def _scan_jsonl(path: str, _columns: list[str]) -> Iterator[tuple[str, int, str, Any]]:
+    with storage.open_input(path) as f:
         for lineno, raw in enumerate(f, 1):
             raw = raw.removeprefix(b"\xef\xbb\xbf") if lineno == 1 else raw
             try:
@@ -137,8 +145,8 @@ def _scan_jsonl(path: Path, _columns: list[str]) -> Iterator[tuple[str, int, str
             yield "line", lineno, text, obj
 
 
-def _decode_whole(path: Path) -> str:
-    data = path.read_bytes()
+def _decode_whole(path: str) -> str:
+    data = storage.read_bytes(path)
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -146,7 +154,7 @@ def _decode_whole(path: Path) -> str:
         raise DataError(f"{path}:{line}: invalid UTF-8 (byte 0x{data[e.start]:02x})") from None
 
 
-def _scan_json(path: Path, columns: list[str]) -> Iterator[tuple[str, int, str, Any]]:
+def _scan_json(path: str, columns: list[str]) -> Iterator[tuple[str, int, str, Any]]:
     text = _decode_whole(path)
     if not text.lstrip().startswith("["):
         yield from _scan_jsonl(path, columns)  # JSON lines in a .json file
@@ -159,7 +167,7 @@ def _scan_json(path: Path, columns: list[str]) -> Iterator[tuple[str, int, str, 
         yield "row", row, json.dumps(obj, ensure_ascii=False), obj
 
 
-def _scan_csv(path: Path, columns: list[str]) -> Iterator[tuple[str, int, str, Any]]:
+def _scan_csv(path: str, columns: list[str]) -> Iterator[tuple[str, int, str, Any]]:
     lines = _decode_whole(path).splitlines(keepends=True)
     reader = csv.reader(io.StringIO("".join(lines), newline=""))
     header = next(reader, None) or []
@@ -178,9 +186,9 @@ def _scan_csv(path: Path, columns: list[str]) -> Iterator[tuple[str, int, str, A
             yield "line", loc, raw, dict(zip(header, row, strict=True))
 
 
-def _scan_parquet(path: Path, columns: list[str]) -> Iterator[tuple[str, int, str, Any]]:
+def _scan_parquet(path: str, columns: list[str]) -> Iterator[tuple[str, int, str, Any]]:
     try:
-        pf = pq.ParquetFile(path)
+        pf = pq.ParquetFile(storage.open_input(path))
     except Exception as e:  # pyarrow raises several types for a damaged file
         raise DataError(f"{path}: not a readable Parquet file ({e})") from None
     schema = pf.schema_arrow
@@ -198,7 +206,7 @@ def _scan_parquet(path: Path, columns: list[str]) -> Iterator[tuple[str, int, st
 
 @dataclass(frozen=True)
 class ValidationReport:
-    path: Path
+    path: str  # a local path or a URI
     num_records: int  # good records
     num_bad: int
     quarantine: Path | None  # JSONL of the bad records (file, line, unit, reason, raw), when any were skipped
@@ -235,7 +243,7 @@ def validate_file(
         log.warning("%s: skipped %d bad record(s), first: %s; all in %s", path, len(bad), bad[0], quarantine)
     if good == 0:
         raise DataError(f"{path}: no valid record ({len(bad)} bad; see {quarantine})")
-    return ValidationReport(Path(path), good, len(bad), Path(quarantine) if bad else None)
+    return ValidationReport(str(path), good, len(bad), Path(quarantine) if bad else None)
 
 
 def read_records(
@@ -248,9 +256,9 @@ def read_records(
     import pyarrow.json as pajson
     import ray.data
 
-    path, cols = Path(path), dict(zip(FIELDS, FIELDS, strict=True)) | dict(columns or {})
+    path, cols = str(path), dict(zip(FIELDS, FIELDS, strict=True)) | dict(columns or {})
     sources = list(dict.fromkeys(c for c in cols.values() if c))
-    kind = path.suffix.lower()
+    kind = suffix(path)
     if kind in (".jsonl", ".json"):  # explicit schema: mapped fields as strings, any other field ignored
         schema = pa.schema([(c, pa.string()) for c in sources])
         opts = pajson.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore")

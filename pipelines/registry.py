@@ -19,6 +19,7 @@ import json
 import math
 import re
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
@@ -27,41 +28,43 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 CHAMPION = "champion"
+DEFAULT_MAX_FORGETTING = 0.05  # mean accuracy a new champion may lose on the tasks the old one knows
 LATEST = "latest"  # implicit in MLflow 3.17: the highest version
 _URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+|latest)|@(?P<alias>[\w.-]+))$", re.IGNORECASE)
 
 
-def gate(
-    new_aa: float | None,
-    new_task_acc: float | None,
-    champion_aa: float | None,
-    aa_tolerance: float = 0.0,
-    new_task_floor: float = 0.0,
-) -> bool:
-    """Promotion gate: AA may not fall below the champion's by more than ``aa_tolerance`` and the new task must reach
-    ``new_task_floor``. With no champion yet only the floor applies. A missing score fails."""
-    return gate_reason(new_aa, new_task_acc, champion_aa, aa_tolerance, new_task_floor) == "pass"
-
-
 def gate_reason(
-    new_aa: float | None,
-    new_task_acc: float | None,
-    champion_aa: float | None,
-    aa_tolerance: float = 0.0,
+    candidate: Mapping[str, float | None],
+    new_task: str,
+    champion: Mapping[str, float | None] | None,
+    max_forgetting: float = DEFAULT_MAX_FORGETTING,
     new_task_floor: float = 0.0,
 ) -> str:
-    """``"pass"`` or why the gate failed (pure; see :func:`gate`)."""
-    if new_task_acc is None or math.isnan(new_task_acc):
-        return "fail: the new task has no accuracy"
-    if new_task_acc < new_task_floor:
-        return f"fail: new task accuracy {new_task_acc:.4f} < floor {new_task_floor:.4f}"
-    if champion_aa is None:
+    """The promotion gate, like with like: ``"pass"`` or why not.
+
+    ``candidate``: task -> the candidate's accuracy; ``champion``: task -> the champion's accuracy on the tasks it
+    learned (None: no champion yet). The candidate must reach ``new_task_floor`` on its new task and, on the tasks the
+    champion knows, lose at most ``max_forgetting`` of accuracy on average (never AA over different task sets)."""
+    new = _num(candidate.get(new_task))
+    if new is None:
+        return f"fail: the new task {new_task!r} has no accuracy"
+    if new < new_task_floor:
+        return f"fail: new task {new_task} accuracy {new:.4f} < floor {new_task_floor:.4f}"
+    if not champion:
         return "pass"
-    if new_aa is None or math.isnan(new_aa):
-        return "fail: no average accuracy"
-    if new_aa < champion_aa - aa_tolerance:
-        return f"fail: AA {new_aa:.4f} < champion AA {champion_aa:.4f} - tolerance {aa_tolerance:.4f}"
+    missing = [t for t in champion if _num(candidate.get(t)) is None]
+    if missing:
+        return f"fail: not evaluated on the champion's task(s) {missing}"
+    drop = sum(_num(champion[t]) - _num(candidate[t]) for t in champion if _num(champion[t]) is not None)
+    drop /= len(champion)
+    if drop > max_forgetting + 1e-12:
+        return f"fail: loses {drop:.4f} on the champion's {len(champion)} task(s) > max_forgetting {max_forgetting:.4f}"
     return "pass"
+
+
+def gate(*args, **kwargs) -> bool:
+    """True when :func:`gate_reason` passes."""
+    return gate_reason(*args, **kwargs) == "pass"
 
 
 def client_for(tracking_uri: str) -> MlflowClient:
@@ -114,14 +117,14 @@ def register_version(
     client: MlflowClient,
     run,
     name: str,
-    model_dir: str | Path,
+    source: str,
     tags: dict[str, Any],
     *,
-    aa_tolerance: float = 0.0,
+    max_forgetting: float = DEFAULT_MAX_FORGETTING,
     new_task_floor: float = 0.0,
-    source: str | None = None,
 ) -> int:
-    """Register ``model_dir`` (already logged results on ``run``) as a version of ``name``; returns its number.
+    """Register the stage model at ``source`` (a local folder or a URI; ``run`` has logged its results) as a version
+    of ``name``; returns its number. ``champion`` moves when :func:`gate_reason` passes.
 
     Idempotent: a version this run already made for this stage is returned (and the champion alias repaired if the
     gate had passed) instead of creating a duplicate.
@@ -138,35 +141,43 @@ def register_version(
                 client.set_registered_model_alias(name, CHAMPION, str(v.version))
             return int(v.version)
 
-    model_dir = Path(model_dir).resolve()
-    if source is None:
-        if not model_dir.is_dir():
-            raise FileNotFoundError(f"model folder {str(model_dir)!r} of stage {stage} ({task}) does not exist")
-        source = str(model_dir)
     parent = tags.get("parent_version")
     if parent is None and stage > 0:
         prev = version_of_stage(client, name, stage - 1, sequence)
         parent = prev.version if prev is not None else None
-    new_aa, new_task_acc = metrics.get("aa"), metrics.get(f"acc/{metric_key(task)}")
-    champion_aa = _num(champion.tags.get("aa")) if champion is not None else None
-    verdict = gate_reason(new_aa, new_task_acc, champion_aa, aa_tolerance, new_task_floor)
+    verdict = gate_reason(_row(metrics), task, _champion_row(client, champion), max_forgetting, new_task_floor)
     all_tags = {
         **{k: _tag(v) for k, v in tags.items()},
         "stage": str(stage),
         "task": task,
         "parent_version": _tag(parent),
         "sequence": sequence,
-        "aa": _tag(new_aa),
+        "aa": _tag(metrics.get("aa")),
         "bwt": _tag(metrics.get("bwt")),
         "promoted": "true" if verdict == "pass" else "false",
         "gate": verdict,
     }
     for key in ("method", "data_digest", "config_hash"):
         all_tags.setdefault(key, run.data.tags.get(f"gorp.{key}", ""))
+    all_tags.setdefault("tasks", task)
     mv = client.create_model_version(name, source=source, run_id=run.info.run_id, tags=all_tags)
     if verdict == "pass":
         client.set_registered_model_alias(name, CHAMPION, str(mv.version))
     return int(mv.version)
+
+
+def _row(metrics: Mapping[str, float]) -> dict[str, float | None]:
+    """task -> accuracy from a stage run's ``acc/<task>`` metrics."""
+    return {k[len("acc/") :]: _num(v) for k, v in metrics.items() if k.startswith("acc/")}
+
+
+def _champion_row(client: MlflowClient, champion) -> dict[str, float | None] | None:
+    """The champion's accuracy on each task it learned (its version's ``tasks`` tag), from its stage run."""
+    if champion is None:
+        return None
+    learned = [t for t in champion.tags.get("tasks", champion.tags.get("task", "")).split(",") if t]
+    row = _row(client.get_run(champion.run_id).data.metrics) if champion.run_id else {}
+    return {t: row.get(metric_key(t)) for t in learned}
 
 
 def metric_key(task: str) -> str:

@@ -16,9 +16,17 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
-METHODS = ("gorp", "full", "lora", "olora", "galore", "osft", "slice")
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 SPLITS = ("train", "validation", "test")
 
@@ -40,6 +48,13 @@ def _resolve(value: str | Path, info: ValidationInfo) -> Path:
     return Path(base, path) if base is not None and not path.is_absolute() else path
 
 
+def _location(value: str, info: ValidationInfo) -> str:
+    """A URI as it is; a local path resolved against the YAML's folder."""
+    from pipelines.storage import is_uri
+
+    return value if is_uri(value) else str(_resolve(value, info))
+
+
 class Columns(_Strict):
     """Which column of the data file holds each field; null: the file has no such column (read as "")."""
 
@@ -50,9 +65,9 @@ class Columns(_Strict):
 
 class Task(_Strict):
     name: Name
-    train: Path
-    validation: Path | None = None
-    test: Path
+    train: str  # a local path (relative to the YAML file) or a URI (s3://, gs://, ...)
+    validation: str | None = None
+    test: str
     columns: Columns = Columns()
     labels: list[Text] | None = Field(None, min_length=2)  # the options of a classification task
     metric: Literal["exact_match", "rank_classification"] = "exact_match"
@@ -62,12 +77,14 @@ class Task(_Strict):
 
     @field_validator("train", "validation", "test")
     @classmethod
-    def _data_path(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+    def _data_path(cls, value: str | None, info: ValidationInfo) -> str | None:
+        from pipelines.records import suffix
+
         if value is None:
             return None
-        if value.suffix.lower() not in DATA_SUFFIXES:
+        if suffix(value) not in DATA_SUFFIXES:
             raise ValueError(f"unsupported data file {str(value)!r}: use one of {', '.join(DATA_SUFFIXES)}")
-        return _resolve(value, info)
+        return _location(value, info)
 
     @field_validator("labels")
     @classmethod
@@ -83,7 +100,7 @@ class Task(_Strict):
             raise ValueError("rank_classification scores the label options: give the task its labels")
         return value
 
-    def sources(self) -> dict[str, Path]:
+    def sources(self) -> dict[str, str]:
         """The task's data files by split, the absent validation split left out."""
         return {s: getattr(self, s) for s in SPLITS if getattr(self, s) is not None}
 
@@ -110,15 +127,27 @@ class Scaling(_Strict):
 class MLflowSettings(_Strict):
     tracking_uri: str | None = None  # null: $MLFLOW_TRACKING_URI, else sqlite:///<run_dir>/mlflow.db
     experiment: str | None = None  # null: the stream's name
-    aa_tolerance: float = Field(0.0, ge=0, le=1)  # champion moves if AA >= champion AA - aa_tolerance ...
-    new_task_floor: float = Field(0.0, ge=0, le=1)  # ... and the new task's accuracy >= new_task_floor
+    # the promotion gate: `champion` moves to a new version when, on the tasks the champion knows, it loses at most
+    # max_forgetting accuracy on average, and it reaches new_task_floor on its own new task
+    max_forgetting: float = Field(0.05, ge=0, le=1)
+    new_task_floor: float = Field(0.0, ge=0, le=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "aa_tolerance" in data:
+            raise ValueError(
+                "aa_tolerance was replaced by max_forgetting (the promotion gate now compares like with like: the "
+                "mean accuracy a new version may lose on the tasks the champion knows, e.g. max_forgetting: 0.05)"
+            )
+        return data
 
 
 class Stream(_Strict):
     name: Name  # also the registered model's name
     model: str  # a local folder (config + safetensors + tokenizer) or a demo name
     trust_remote_code: bool = False
-    method: Literal[METHODS]
+    method: str  # one of gorp.methods.METHODS
     method_args: dict[str, Any] = {}  # hyperparameters, passed to the method as keyword arguments
     tasks: list[Task] = Field(min_length=1)
     training: Training = Training()
@@ -130,13 +159,25 @@ class Stream(_Strict):
     @field_validator("model")
     @classmethod
     def _model(cls, value: str, info: ValidationInfo) -> str:
-        if value.startswith("demo:"):
-            from pipelines.demo_model import DEMO_MODELS
+        from pipelines.demo_model import DEMO_MODELS, HF_REPO_ID
 
+        if value.startswith("demo:"):
             if value not in DEMO_MODELS:
                 raise ValueError(f"unknown demo model {value!r}; known: {', '.join(DEMO_MODELS)}")
             return value
-        return str(_resolve(value, info))
+        path = _location(value, info)
+        if not Path(path).exists() and HF_REPO_ID.match(value):
+            return value  # a Hugging Face model id, looked up in the local cache when the run starts
+        return path
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, value: str) -> str:
+        from gorp.methods import METHODS
+
+        if value not in METHODS:
+            raise ValueError(f"unknown method {value!r}; choose from {', '.join(METHODS)}")
+        return value
 
     @field_validator("tasks")
     @classmethod
@@ -258,17 +299,22 @@ def check_stream(stream: Stream, tokenizer=None, *, max_prompts: int = 2000) -> 
 
     Raises SpecError for a missing file (naming the key) and DataError for a bad record with on_bad_record: error
     (naming FILE:LINE); with on_bad_record: skip the bad records are counted (the run quarantines them)."""
+    from pipelines import storage
     from pipelines.records import BadRecord, DataError, format_prompt, scan_records
 
     where = str(stream.source or "stream")
-    if not stream.model.startswith("demo:") and not Path(stream.model).is_dir():
-        raise SpecError(f"{where}: model: folder not found: {stream.model}")
+    from pipelines.demo_model import HF_REPO_ID
+    from pipelines.storage import is_uri
+
+    model = stream.model
+    if not (model.startswith("demo:") or is_uri(model) or Path(model).is_dir() or HF_REPO_ID.match(model)):
+        raise SpecError(f"{where}: model: folder not found: {model}")
     plan = Plan(stream)
     for i, task in enumerate(stream.tasks):
         tp = TaskPlan(task.name, {}, 0, task.labels, {}, max_source_tokens=task.max_source_tokens)
         prompts: list[str] = []
         for split, path in task.sources().items():
-            if not path.is_file():
+            if not storage.exists(path):
                 raise SpecError(f"{where}: tasks.{i}.{split}: file not found: {path}")
             n = 0
             for rec in scan_records(path, task.columns.model_dump(), task.labels):

@@ -1,28 +1,56 @@
-"""A tiny offline stream for pipeline tests: a word-level tokenizer, a tiny LLaMA saved as a model folder, and short
-slices of three WordNet tasks from examples/data (real records, few of them)."""
+"""A tiny offline stream for pipeline tests: a word-level tokenizer, a tiny LLaMA saved as a model folder, and three
+synthetic tasks that the tiny model learns within a dozen steps.
+
+Each task asks for one fixed answer among its options ("Name the first color." -> red). Learning a task is learning
+its answer, so accuracy right after a stage is high (1.0 with the shipped settings) where the base model scores 0, and
+the second task ("Name the second color." -> blue, the same options) overwrites the first one's answer unless the
+method protects it: forgetting is visible. Inputs vary (random words), so no two records are the same.
+"""
 
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import yaml
 
 from helpers_tokenizer import make_tokenizer
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT / "examples" / "data" / "wordnet"
-TASKS = {
-    "part_of_speech": ["adjective", "adverb", "noun", "verb"],
-    "hypernym": ["no", "yes"],
-    "domain": ["baseball", "chemistry", "computer science", "law", "mathematics", "military", "music", "physics"],
+TASKS = {  # name -> (instruction, options, the answer)
+    "first": ("Name the first color.", ["red", "blue"], "red"),
+    "second": ("Name the second color.", ["red", "blue"], "blue"),
+    "animal": ("Name the animal.", ["cat", "dog"], "dog"),
+}
+NAMES = list(TASKS)
+WORDS = "apple sky grass coal snow sun sea leaf rock tree moon star bird fish road lake".split()
+# settings under which every method learns each task in 12 steps of 8 examples (see the module docstring)
+METHOD_ARGS = {
+    "gorp": {"lora_dropout": 0.0, "lr": 0.05, "full_rank_lr": 0.02},
+    "lora": {"lora_dropout": 0.0, "lr": 0.05},
+    "olora": {"lora_dropout": 0.0, "lr": 0.05},
+    "full": {"lr": 0.003},
 }
 
 
-def _slice(src: Path, dst: Path, n: int) -> list[dict]:
-    rows = [json.loads(line) for line in src.read_text().splitlines()[:n]]
-    dst.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return rows
+def task_rows(name: str, n: int, seed: int) -> list[dict]:
+    instruction, _, answer = TASKS[name]
+    rng = random.Random(f"{name}-{seed}")
+    return [{"instruction": instruction, "input": " ".join(rng.sample(WORDS, 2)), "output": answer} for _ in range(n)]
+
+
+def write_task(root: Path, name: str, n_train: int, n_test: int) -> dict:
+    """The task's train/test JSONL under ``root`` and its stream entry."""
+    for split, n, seed in (("train", n_train, 0), ("test", n_test, 1)):
+        (root / f"{name}.{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in task_rows(name, n, seed)))
+    return {
+        "name": name,
+        "train": f"{name}.train.jsonl",
+        "test": f"{name}.test.jsonl",
+        "labels": TASKS[name][1],
+        "max_source_tokens": 64,
+        "max_target_tokens": 6,
+    }
 
 
 def make_model(folder: Path, corpus: list[str]) -> Path:
@@ -49,34 +77,23 @@ def make_stream(
     method: str = "gorp",
     num_workers: int = 2,
     fsdp: bool = True,
-    max_steps: int = 4,
+    max_steps: int = 12,
     batch_size: int = 8,
+    tasks: list[str] = NAMES,
     **overrides,
 ) -> Path:
     """Write data, a model folder and stream.yaml under ``root``; returns the YAML path."""
     root.mkdir(parents=True, exist_ok=True)
-    corpus, tasks = [], []
-    for name, labels in TASKS.items():
-        rows = _slice(DATA / f"{name}.train.jsonl", root / f"{name}.train.jsonl", n_train)
-        rows += _slice(DATA / f"{name}.test.jsonl", root / f"{name}.test.jsonl", n_test)
-        corpus += [f"{r['instruction']} {r['input']} {r['output']} Options Answer Input Instruction" for r in rows]
-        tasks.append(
-            {
-                "name": name,
-                "train": f"{name}.train.jsonl",
-                "test": f"{name}.test.jsonl",
-                "labels": labels,
-                "max_source_tokens": 64,
-                "max_target_tokens": 6,
-            }
-        )
-    make_model(root / "model", corpus)
+    entries = [write_task(root, name, n_train, n_test) for name in tasks]
+    corpus = [f"{i} {' '.join(o)} {' '.join(WORDS)} Options Answer Input : , ." for i, o, _ in TASKS.values()]
+    if not (root / "model" / "config.json").exists():
+        make_model(root / "model", corpus)
     spec = {
         "name": "tiny-stream",
         "model": "model",
         "method": method,
-        "method_args": {"lora_dropout": 0.0} if method in ("gorp", "lora", "olora") else {},
-        "tasks": tasks,
+        "method_args": METHOD_ARGS.get(method, {}),
+        "tasks": entries,
         "training": {"batch_size": batch_size, "max_steps": max_steps, "eval_batch_size": 8, "seed": 0},
         "scaling": {"num_workers": num_workers, "cpus_per_worker": 1, "fsdp": fsdp},
         "run_dir": str(root / "run"),

@@ -9,7 +9,7 @@ import ray
 from ray.cluster_utils import Cluster
 
 from pipeline_fixtures import make_stream
-from pipelines.driver import run_stream
+from pipelines.run import run_stream
 from pipelines.spec import load_stream
 
 

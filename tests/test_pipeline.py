@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from gorp.metrics import summarize
 from pipeline_fixtures import make_stream
-from pipelines.driver import run_stream
+from pipelines.run import run_stream
 from pipelines.spec import load_stream
 
 NAMES = ["part_of_speech", "hypernym", "domain"]

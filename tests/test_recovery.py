@@ -18,7 +18,8 @@ from mlflow import MlflowClient
 from typer.testing import CliRunner
 
 from pipeline_fixtures import make_stream
-from pipelines.driver import StageFailed, run_stream
+from pipelines.run import run_stream
+from pipelines.sequence import StageFailed
 from pipelines.lineage import lineage_report, load_version, tracking_uri_for
 from pipelines.spec import load_stream
 
