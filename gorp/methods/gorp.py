@@ -4,8 +4,17 @@ Per task: a fresh LoRA pair (PEFT; A Kaiming, B zero) on the attention query/val
 of a chosen set of weights (LLaMA: mlp.gate_proj; T5: decoder cross-attention q/v) with the low-rank projector. Three
 optimizer groups: plain AdamW (LoRA B), LoRA A and the projected full-rank weights, the last two kept off the task
 memory.
-At task end the final first moments are folded into the memory (90% energy) and the adapter is merged into the weights,
-so that the next task starts from everything learned so far.
+At task end the final first moments are folded into the memory (90% energy; ``memory_rule`` picks the growth rule, see
+:mod:`gorp.memory`) and the adapter is merged into the weights, so that the next task starts from everything learned so
+far.
+
+What the memory alone cannot protect: LoRA A's gradient and update avoid the stored input-space basis S of its module,
+but a fresh adapter's A is random (Kaiming) and B is free, so the adapter's product B A can act on the inputs that
+earlier tasks used. B starts at zero and its gradient is (dL/dy) (A x)^T, so B's first step changes B A by dB A, whose
+input side is A's row space; later steps add B dA too, whose input side is dA's row space (kept off S). So
+``adapter_init="orthogonal"`` starts each new A in the orthogonal complement of S (Kaiming, then A <- A - (A S) S^T,
+rescaled to the Kaiming norm): A then stays off S for the whole task, B A S = 0, and the merged adapter leaves the
+weights' action on S unchanged. The default, ``"kaiming"``, is the paper's (and PEFT's) initialization.
 
 Two defects of the released code are fixed here, by construction and by test: the memory is carried to the next task
 (``state_tensors``), and the full-rank updates are part of the model that the next task starts from (``finalize``).
@@ -20,7 +29,7 @@ import dataclasses
 import torch
 from torch import nn
 
-from gorp.memory import TaskMemory
+from gorp.memory import TaskMemory, check_rule
 from gorp.methods.base import (
     BatchSource,
     ContinualMethod,
@@ -34,6 +43,8 @@ from gorp.methods.base import (
 )
 from gorp.optim import ProjAdamW
 
+ADAPTER_INITS = ("kaiming", "orthogonal")
+
 
 @dataclasses.dataclass
 class GorpArgs(LoraArgs):
@@ -46,6 +57,8 @@ class GorpArgs(LoraArgs):
     refresh: str = "fixed"
     adaptive_threshold: float = 0.4
     memory_threshold: float = 0.9
+    memory_rule: str = "energy"  # "energy" (default until the quality benchmark decides) or "gpm"; see gorp.memory
+    adapter_init: str = "kaiming"  # "kaiming" (the paper) or "orthogonal": a new LoRA A starts off the stored basis
     use_memory: bool = True  # off: the ablation without task memory (and what the released code effectively ran)
     project: bool = True  # off: plain AdamW on the same parameters (benchmark of the projection's own cost)
 
@@ -53,6 +66,9 @@ class GorpArgs(LoraArgs):
         super().__post_init__()
         if not 0.0 < self.memory_threshold <= 1.0:
             raise ValueError(f"memory_threshold must be in (0, 1], got {self.memory_threshold}")
+        check_rule(self.memory_rule)
+        if self.adapter_init not in ADAPTER_INITS:
+            raise ValueError(f"adapter_init must be one of {ADAPTER_INITS}, got {self.adapter_init!r}")
 
 
 class Gorp(ContinualMethod):
@@ -61,7 +77,7 @@ class Gorp(ContinualMethod):
 
     def __init__(self, **hparams):
         super().__init__(**hparams)
-        self.memory = TaskMemory(self.args.memory_threshold)
+        self.memory = TaskMemory(self.args.memory_threshold, rule=self.args.memory_rule)
 
     def setup_task(self, model: nn.Module, task: int, *, batches: BatchSource | None = None) -> nn.Module:
         targets = self.targets(model)
@@ -71,7 +87,25 @@ class Gorp(ContinualMethod):
         if overlap:
             raise ValueError(f"modules cannot be both LoRA and full-rank targets: {sorted(overlap)[:3]}")
         unfreeze(model, targets.full_rank)
+        if self.args.adapter_init == "orthogonal" and self.args.use_memory:
+            self._init_adapters_off_memory(model)
         return model
+
+    @torch.no_grad()
+    def _init_adapters_off_memory(self, model: nn.Module) -> None:
+        """A <- A - (A S) S^T, norm kept, for each new adapter whose module has a stored LoRA A basis S (n x k)."""
+        for module, (a, _) in lora_pairs(model).items():
+            s = self.memory.bases.get(f"{module}.lora_A")  # the key param_groups gives LoRA A (input axis n)
+            if s is None or s.shape[1] == 0:
+                continue
+            s = s.to(device=a.device, dtype=torch.float64)
+            x = a.to(torch.float64)
+            norm = x.norm()
+            for _ in range(2):  # twice: what remains inside S after one pass is at rounding level
+                x = x - (x @ s) @ s.T
+            if x.norm() > 0:
+                x = x * (norm / x.norm())
+            a.copy_(x.to(a.dtype))
 
     def param_groups(self, model: nn.Module) -> list[dict]:
         a = self.args
@@ -131,7 +165,8 @@ class Gorp(ContinualMethod):
         bad = [k for k in tensors if not k.startswith("memory/")]
         if bad:
             raise ValueError(f"unexpected gorp state entries: {bad[:3]}")
-        self.memory = TaskMemory(self.args.memory_threshold, {k[len("memory/") :]: v for k, v in tensors.items()})
+        bases = {k[len("memory/") :]: v for k, v in tensors.items()}
+        self.memory = TaskMemory(self.args.memory_threshold, bases, rule=self.args.memory_rule)
 
     def lora_modules(self, model: nn.Module) -> list[str]:
         return sorted(lora_pairs(model))
