@@ -7,7 +7,9 @@ What travels: the stream's folder is the job's ``working_dir`` (the YAML, and th
 relative paths, which resolve against the YAML's folder there as here), and the project's packages (gorp, pipelines,
 tuning, deploy) travel as ``py_modules``, so the job runs the code of this checkout whatever version the cluster has
 installed. The job's command is ``python -m deploy.cli run STREAM.yaml`` in the cluster's Python environment, the one
-``ray start`` ran from (cluster.yaml installs gorp's dependencies there).
+``ray start`` ran from (cluster.yaml installs gorp's dependencies there), with the cluster's environment: the tracking
+server (``MLFLOW_TRACKING_URI``) is the cluster's setting or the stream's ``mlflow.tracking_uri``, never this
+machine's.
 
 The submission id is ``gorp-<stream name>-<12 hex>``: a digest of the command, its arguments and every file that is
 uploaded from the stream's folder (names and contents). Ray refuses a second job with the same id, so the same work
@@ -42,8 +44,6 @@ EXCLUDES = [
     "mlruns",
     "mlflow.db",
 ]
-# Environment passed on to the job when set here: where the run records its stages.
-FORWARDED_ENV = ("MLFLOW_TRACKING_URI",)
 
 
 class SubmitError(RuntimeError):
@@ -74,12 +74,10 @@ def plan_submission(stream_path: str | Path, command: str = "run", args: Sequenc
         excludes.append("/" + run_dir.relative_to(folder).as_posix())
     words = [command, stream_path.name, *args]
     digest = work_digest(folder, excludes, words)
-    env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
     runtime_env = {
         "working_dir": str(folder),
         "py_modules": [_package_dir(name) for name in PACKAGES],
         "excludes": excludes,
-        **({"env_vars": env} if env else {}),
     }
     return Submission(
         submission_id=f"gorp-{spec.name}-{digest[:12]}",
