@@ -1,4 +1,5 @@
-"""Runs a two-task continual sequence, sharded with FSDP2 over gloo (spawned by test_fsdp.py) or in one process."""
+"""Runs a two-task continual sequence, sharded with FSDP2 over gloo or in one process; always in a process of its own
+(spawned by test_fsdp.py), since it sets process-wide state: one torch thread, deterministic algorithms, the seed."""
 
 from __future__ import annotations
 
@@ -29,6 +30,8 @@ def method_args(name: str) -> dict:
     common = {"lr": 3e-3}
     if name == "gorp":
         return {**common, "full_rank_lr": 3e-3, "update_gap": 5, "rank": 4, "scale": 1.0, "lora_dropout": 0.0}
+    if name == "gorp-wide":  # m < n: the left projection, the memory on the input axis, weight decay kept off it
+        return {**method_args("gorp"), "full_rank_targets": ["mlp.down_proj"], "weight_decay": 0.1}
     if name == "gorp-randomized":
         return {**method_args("gorp"), "proj_method": "randomized"}
     if name == "galore":

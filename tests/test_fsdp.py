@@ -1,4 +1,7 @@
-"""FSDP2 exactness: two gloo processes give the same weights (and task memory) as one process on the same data."""
+"""FSDP2 exactness: two gloo processes give the same weights (and task memory) as one process on the same data.
+
+The one-process reference runs in a spawned process too: the worker sets one torch thread, deterministic algorithms
+and the seed, which must not leak into pytest's process (and later tests)."""
 
 from __future__ import annotations
 
@@ -18,11 +21,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("method", ["gorp", "gorp-randomized", "galore"])
+@pytest.mark.parametrize("method", ["gorp", "gorp-wide", "gorp-randomized", "galore"])
 def test_two_process_fsdp2_equals_single_process(method, tmp_path):
     single, sharded = str(tmp_path / "single.safetensors"), str(tmp_path / "sharded.safetensors")
-    fsdp_worker.run(0, 1, method, single, 0)
+    before = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(), torch.random.get_rng_state())
+    reference = mp.start_processes(fsdp_worker.run, args=(1, method, single, 0), nprocs=1, join=False)
     mp.spawn(fsdp_worker.run, args=(2, method, sharded, _free_port()), nprocs=2, join=True)
+    while not reference.join():
+        pass
+    after = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(), torch.random.get_rng_state())
+    assert before[:2] == after[:2] and torch.equal(before[2], after[2])  # nothing leaked into this process
     a, b = load_file(single), load_file(sharded)
     assert a.keys() == b.keys()
     # the run really trained and (for gorp) really carried a memory
@@ -31,6 +39,8 @@ def test_two_process_fsdp2_equals_single_process(method, tmp_path):
     assert moved > 1e-3
     if method.startswith("gorp"):
         assert any(k.startswith("state/memory/") and v.shape[1] > 0 for k, v in a.items())
+    if method == "gorp-wide":  # down_proj (32 x 64) is wide: its memory lives on the input axis
+        assert a["state/memory/model.layers.0.mlp.down_proj.weight"].shape[0] == 64
     for k in a:
         if k == "losses":
             torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
