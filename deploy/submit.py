@@ -142,7 +142,7 @@ def _local_inputs(spec) -> list[tuple[str, Path]]:
 def _check_inside(folder: Path, inputs: list[tuple[str, Path]]) -> None:
     outside = [(what, path) for what, path in inputs if not path.resolve().is_relative_to(folder)]
     if outside:
-        listing = "; ".join(f"{what}: {path}" for what, path in outside)
+        listing = "; ".join(f"{what}: {path.resolve()}" for what, path in outside)
         raise SubmitError(
             f"the job uploads only the stream's folder {folder}, and these inputs are outside it: {listing}. "
             "Move them beside the stream (relative paths), or put them in object storage (s3://...)."

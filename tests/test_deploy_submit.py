@@ -22,6 +22,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import yaml
 
 from deploy.submit import SubmitError, plan_submission
 from pipeline_fixtures import make_stream
@@ -50,7 +51,7 @@ def test_submission_id_is_a_digest_of_the_work(tmp_path):
     # other work: other arguments, another command, a changed data file, an added file
     assert plan_submission(stream, args=["--resume"]).submission_id != first.submission_id
     assert plan_submission(stream, command="tune").submission_id != first.submission_id
-    data = stream.parent / "hypernym.train.jsonl"
+    data = stream.parent / yaml.safe_load(stream.read_text())["tasks"][-1]["train"]
     lines = data.read_text().splitlines(keepends=True)
     data.write_text("".join(lines[:-1]))
     changed = plan_submission(stream).submission_id
@@ -61,10 +62,12 @@ def test_submission_id_is_a_digest_of_the_work(tmp_path):
 
 def test_inputs_outside_the_streams_folder_are_refused(tmp_path):
     stream = make_stream(tmp_path / "s", num_workers=1, fsdp=False, max_steps=2)
-    text = stream.read_text().replace("train: hypernym.train.jsonl", "train: ../hypernym.train.jsonl")
-    shutil.copy(stream.parent / "hypernym.train.jsonl", tmp_path / "hypernym.train.jsonl")
-    stream.write_text(text)
-    with pytest.raises(SubmitError, match=r"tasks\[hypernym\]\.train"):
+    spec = yaml.safe_load(stream.read_text())
+    task = spec["tasks"][1]
+    shutil.copy(stream.parent / task["train"], tmp_path / task["train"])
+    task["train"] = f"../{task['train']}"  # still a valid stream: the file is there, one folder up
+    stream.write_text(yaml.safe_dump(spec))
+    with pytest.raises(SubmitError, match=rf"tasks\[{task['name']}\]\.train: {tmp_path}/"):
         plan_submission(stream)
 
 
