@@ -75,9 +75,11 @@ def run_stream(
     start_from: str | None = None,
     storage: str | None = None,
     console=None,
+    callbacks=(),
     hooks=None,
 ) -> SequenceResult:
-    """Train what the stream adds to its sequence (see the module docstring), recording every stage."""
+    """Train what the stream adds to its sequence (see the module docstring), recording every stage; ``callbacks``
+    listen besides the recorders (see :class:`pipelines.sequence.Callback`)."""
     from rich.console import Console
 
     console = console or Console()
@@ -104,7 +106,7 @@ def run_stream(
         history=history,
         start_from=start_uri,
         sequence_id=sequence_id,
-        callbacks=[ProgressDisplay(console), writer, recorder],
+        callbacks=[ProgressDisplay(console), writer, recorder, *callbacks],
         storage=storage,
         run_dir=run_dir,
         hooks=hooks,

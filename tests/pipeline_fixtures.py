@@ -103,3 +103,20 @@ def make_stream(
     path = root / "stream.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     return path
+
+
+class SlowSteps:
+    """Worker hooks for the recovery tests: every optimizer step takes ``seconds`` longer; ``nan_at=(task, step)``
+    turns that step's loss (0-based step) into NaN, as if the batch had blown up."""
+
+    def __init__(self, seconds: float = 0.0, nan_at: tuple[str, int] | None = None):
+        self.seconds, self.nan_at = seconds, nan_at
+
+    def after_build(self, stage, model, method):
+        return model, method
+
+    def after_step(self, stage, task, step, loss):
+        import time
+
+        time.sleep(self.seconds)
+        return float("nan") if self.nan_at == (task, step) else loss

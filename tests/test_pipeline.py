@@ -1,4 +1,6 @@
-"""The continual pipeline end to end on Ray: a three-task tiny stream, two workers, FSDP2, MLflow lineage."""
+"""The continual pipeline end to end on Ray: the tiny stream that learns, two workers with FSDP2, one worker through
+the library call, MLflow lineage, and the two carry-overs GORP's released code got wrong, checked through the
+pipeline (each check is also shown to fail on a deliberately broken carry-over)."""
 
 from __future__ import annotations
 
@@ -11,92 +13,188 @@ import torch
 from safetensors.torch import load_file
 
 from gorp.metrics import summarize
-from pipeline_fixtures import make_stream
+from pipeline_fixtures import NAMES, make_stream
+from pipelines.results import StageResult
 from pipelines.run import run_stream
+from pipelines.sequence import Callback, run_sequence
 from pipelines.spec import load_stream
+from pipelines.worker import weights_digest
 
-NAMES = ["part_of_speech", "hypernym", "domain"]
+GATE = "model.layers.0.mlp.gate_proj.weight"
+
+
+class Collect(Callback):
+    """Every event, in order."""
+
+    def __init__(self):
+        self.events: list[tuple] = []
+        self.results: list[StageResult] = []
+
+    def on_stage_start(self, plan, stage):
+        self.events.append(("start", stage))
+
+    def on_progress(self, plan, stage, row):
+        self.events.append(("progress", stage, row["step"]))
+
+    def on_stage_end(self, plan, result):
+        self.events.append(("end", result.stage))
+        self.results.append(result)
+
+
+class BreakCarryOver:
+    """Worker hooks that break one carry-over each (the released code's two defects): stage 2 starts with a fresh
+    method (no task memory), stage 3 from the base model's weights."""
+
+    def __init__(self, base: str):
+        self.base = base
+
+    def after_build(self, stage, model, method):
+        from gorp.methods import build_method
+        from gorp.models import load_model
+
+        if stage == 1:
+            return model, build_method(method.name, **method.args.__dict__)
+        if stage == 2:
+            return load_model(self.base)[0], method
+        return model, method
+
+    def after_step(self, stage, task, step, loss):
+        return loss
 
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False)
+    # the workers import this module by name to run BreakCarryOver's hooks
+    env = {"env_vars": {"PYTHONPATH": str(Path(__file__).parent)}}
+    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False, runtime_env=env)
     yield
     ray.shutdown()
-
-
-def stage_records(run_dir: Path) -> list[dict]:
-    seq = next((run_dir / "sequences").iterdir())
-    return [json.loads((d / "model" / "stage.json").read_text()) for d in sorted(seq.iterdir())]
 
 
 @pytest.fixture(scope="module")
 def two_workers(local_ray, tmp_path_factory):
     root = tmp_path_factory.mktemp("two")
-    stream = load_stream(make_stream(root, num_workers=2, fsdp=True, max_steps=6))
-    results = run_stream(stream)
-    return root, stream, results
+    stream = load_stream(make_stream(root, num_workers=2, fsdp=True))
+    collect = Collect()
+    result = run_stream(stream, callbacks=[collect])
+    return root, stream, result, collect
 
 
-def test_three_tasks_two_workers_fsdp2(two_workers):
-    root, stream, results = two_workers
-    run_dir = root / "run"
-    on_disk = json.loads((run_dir / "results.json").read_text())
-    assert on_disk == results
-    assert list(results) == ["tasks", "matrix", "zero_shot", "aa", "bwt", "fwt", "forgetting", "stages"]
-    assert results["tasks"] == NAMES
-    m = results["matrix"]
-    assert len(m) == 3 and all(len(row) == 3 for row in m)
-    assert m[0][2] is None and all(m[t][i] is not None for t in range(3) for i in range(min(t + 2, 3)))
-    assert all(0.0 <= v <= 1.0 for row in m for v in row if v is not None)
-    expected = summarize(m, results["zero_shot"])
+@pytest.fixture(scope="module")
+def one_worker(local_ray, tmp_path_factory):
+    """The library call alone: one worker, no recorders."""
+    root = tmp_path_factory.mktemp("one")
+    stream = load_stream(make_stream(root, num_workers=1, fsdp=False))
+    collect = Collect()
+    return root, run_sequence(stream, callbacks=[collect]), collect
+
+
+def test_stages_come_back_in_order_with_the_matrix_gorp_run_writes(two_workers):
+    root, stream, result, collect = two_workers
+    on_disk = json.loads((root / "run" / "results.json").read_text())
+    assert [r.stage for r in collect.results] == [0, 1, 2] and [r.task for r in collect.results] == NAMES
+    assert [[r.row.get(n) for n in NAMES] for r in collect.results] == on_disk["matrix"] == result.matrix
+    ends = [e for e in collect.events if e[0] != "progress"]
+    assert ends == [("start", 0), ("end", 0), ("start", 1), ("end", 1), ("start", 2), ("end", 2)]
+    steps = [e[2] for e in collect.events if e[0] == "progress" and e[1] == 1]
+    assert steps == list(range(1, 13))  # every step of stage 2 reached the driver, in order
+    assert on_disk["tasks"] == NAMES and on_disk["zero_shot"] == result.zero_shot
     for k in ("aa", "bwt", "fwt", "forgetting"):
-        assert results[k] == pytest.approx(expected[k])
-    assert [s["task"] for s in results["stages"]] == NAMES
-    assert all(s["train_s"] > 0 and s["tokens_per_s"] > 0 for s in results["stages"])
-    for png in ("heatmap.png", "forgetting.png"):
-        assert (run_dir / png).stat().st_size > 1000
-    # the stage models: plain HF folders with merged weights that moved from the base model
-    records = stage_records(run_dir)
-    assert [r["world_size"] for r in records] == [2, 2, 2]
+        assert on_disk[k] == pytest.approx(summarize(result.matrix, result.zero_shot)[k])
+
+
+def test_the_tiny_stream_learns_each_task_and_forgets_visibly(two_workers):
+    _, _, result, _ = two_workers
+    m, base = result.matrix, result.zero_shot
+    assert base == [0.0, 0.0, 0.0]
+    assert all(m[t][t] >= 0.9 for t in range(3)), m  # each task learned right after its stage
+    assert m[1][0] <= 0.1, m  # "second" overwrites "first"'s answer: forgetting shows in the matrix
+    assert result.summary["forgetting"] >= 0.4 and result.summary["bwt"] <= -0.4
+
+
+def test_two_workers_shard_and_save_plain_merged_models(two_workers):
+    root, _, result, _ = two_workers
+    assert [s.world_size for s in result.stages] == [2, 2, 2]
     base = load_file(str(root / "model" / "model.safetensors"))
-    seq = next((run_dir / "sequences").iterdir())
     prev = base
-    for d in sorted(seq.iterdir()):
-        weights = load_file(str(d / "model" / "model.safetensors"))
+    for s in result.stages:
+        folder = Path(s.model_uri)
+        assert folder.is_relative_to(root / "run" / "sequences")
+        weights = load_file(str(folder / "model.safetensors"))
         assert set(weights) == set(base)  # adapters merged: the base model's keys, nothing else
-        assert (d / "model" / "method_state.safetensors").exists() and (d / "model" / "tokenizer.json").exists()
-        gate = "model.layers.0.mlp.gate_proj.weight"
-        assert not torch.equal(weights[gate], prev[gate])  # GORP trains gate_proj full rank
+        assert (folder / "method_state.safetensors").exists() and (folder / "tokenizer.json").exists()
+        assert StageResult.load(s.model_uri) == s  # stage.json beside the model holds the same result
+        assert not torch.equal(weights[GATE], prev[GATE])  # GORP trains gate_proj full rank
         prev = weights
 
 
-def test_one_worker_gives_the_same_first_stage_loss_curve(two_workers, tmp_path):
-    """Same seed, same data: every worker reads the same global batches, so the curve does not depend on the number
-    of workers beyond float rounding (sharded reductions sum in another order): tolerance 1e-4 relative."""
-    root, _, _ = two_workers
-    stream = load_stream(make_stream(tmp_path, num_workers=1, fsdp=False, max_steps=6))
-    run_stream(stream)
-    one = stage_records(tmp_path / "run")[0]["losses"]
-    two = stage_records(root / "run")[0]["losses"]
-    assert len(one) == len(two) == 6
+def test_library_call_records_nothing_and_matches_the_loss_curve_of_two_workers(one_worker, two_workers):
+    root, result, collect = one_worker
+    assert not (root / "run" / "mlflow.db").exists() and not list(root.glob("**/mlflow.db"))
+    assert [r.task for r in result.stages] == NAMES and result.complete
+    assert [r.stage for r in collect.results] == [0, 1, 2]
+    # same seed, same data: every worker reads the same global batches, so the curve does not depend on the number
+    # of workers beyond float rounding (sharded reductions sum in another order): tolerance 1e-4 relative
+    one, two = result.stages[0].losses, two_workers[2].stages[0].losses
+    assert len(one) == len(two) == 12
     torch.testing.assert_close(torch.tensor(one), torch.tensor(two), rtol=1e-4, atol=1e-5)
+
+
+def carry_over_checks(stages: list[StageResult]) -> list[str]:
+    """What is wrong with the carry-over between consecutive stages (empty: both defects are absent)."""
+    problems = []
+    for prev, cur in zip(stages, stages[1:], strict=False):
+        folder = Path(prev.model_uri)
+        saved = load_file(str(folder / "model.safetensors"))
+        memory = load_file(str(folder / "method_state.safetensors"))
+        if cur.start["weights_digest"] != weights_digest(saved):
+            problems.append(f"stage {cur.stage + 1} did not start from stage {prev.stage + 1}'s merged weights")
+        if cur.start["memory"] != {k: list(v.shape) for k, v in memory.items()} or not memory:
+            problems.append(f"stage {cur.stage + 1} did not start with stage {prev.stage + 1}'s task memory")
+        basis = memory.get(f"memory/{GATE}")
+        delta = load_file(str(Path(cur.model_uri) / "model.safetensors"))[GATE] - saved[GATE]
+        inside = (basis.T @ delta).norm() if basis.shape[0] == delta.shape[0] else (delta @ basis).norm()
+        if inside > 1e-4 * delta.norm():
+            problems.append(
+                f"stage {cur.stage + 1}'s gate_proj update has {inside / delta.norm():.2e} of its norm "
+                f"inside stage {prev.stage + 1}'s stored subspace"
+            )
+    return problems
+
+
+def test_each_stage_starts_from_the_last_ones_weights_and_memory_and_stays_off_its_subspace(one_worker):
+    _, result, _ = one_worker
+    assert carry_over_checks(result.stages) == []
+    memory = load_file(str(Path(result.stages[0].model_uri) / "method_state.safetensors"))
+    assert memory[f"memory/{GATE}"].shape[1] > 0  # the first task stored directions to protect
+
+
+def test_the_carry_over_checks_catch_a_broken_carry_over(local_ray, tmp_path):
+    stream = load_stream(make_stream(tmp_path, num_workers=1, fsdp=False))
+    result = run_sequence(stream, hooks=BreakCarryOver(str(tmp_path / "model")))
+    problems = carry_over_checks(result.stages)
+    assert "stage 2 did not start with stage 1's task memory" in problems, problems
+    assert any(p.startswith("stage 2's gate_proj update") for p in problems), problems
+    assert "stage 3 did not start from stage 2's merged weights" in problems, problems
+    assert "stage 2 did not start from stage 1's merged weights" not in problems, problems
 
 
 def test_registry_and_lineage_after_three_stages(two_workers):
     from mlflow import MlflowClient
 
-    from pipelines.lineage import lineage_report, tracking_uri_for
+    from pipelines.lineage import tracking_uri_for
+    from pipelines.registry import lineage_report
 
-    root, stream, results = two_workers
+    root, stream, result, _ = two_workers
     uri = tracking_uri_for(root / "run", None)
     client = MlflowClient(uri)
     versions = sorted(client.search_model_versions(f"name='{stream.name}'"), key=lambda v: int(v.version))
     assert [v.tags["task"] for v in versions] == NAMES
     assert [v.tags["parent_version"] for v in versions] == ["", "1", "2"]
+    assert [v.source for v in versions] == [s.model_uri for s in result.stages]
     assert all(v.tags["method"] == "gorp" and len(v.tags["data_digest"]) == 64 for v in versions)
     report = lineage_report(stream.name, uri)
     assert [v["version"] for v in report["versions"]] == [1, 2, 3]
     assert report["tasks"] == NAMES
-    for got, want in zip(report["matrix"], results["matrix"], strict=True):
+    for got, want in zip(report["matrix"], result.matrix, strict=True):
         assert [None if v is None else round(v, 6) for v in got] == [None if v is None else round(v, 6) for v in want]

@@ -14,17 +14,20 @@ from pathlib import Path
 
 import pytest
 import ray
+import torch
 from mlflow import MlflowClient
+from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from pipeline_fixtures import make_stream
+from pipeline_fixtures import NAMES, SlowSteps, make_stream
+from pipelines.lineage import tracking_uri_for
+from pipelines.registry import lineage_report, load_version
+from pipelines.results import StageResult
 from pipelines.run import run_stream
 from pipelines.sequence import StageFailed
-from pipelines.lineage import lineage_report, load_version, tracking_uri_for
 from pipelines.spec import load_stream
 
 ROOT = Path(__file__).resolve().parents[1]
-NAMES = ["part_of_speech", "hypernym", "domain"]
 STREAM = {"num_workers": 1, "fsdp": False, "max_steps": 12, "training": {"checkpoint_every": 2, "max_failures": 1}}
 
 
@@ -35,7 +38,8 @@ def versions_of(run_dir: Path, name: str = "tiny-stream") -> list:
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray.init(num_cpus=2, dashboard_host="127.0.0.1", log_to_driver=False)
+    env = {"env_vars": {"PYTHONPATH": str(ROOT / "tests")}}  # the workers import pipeline_fixtures' hooks
+    ray.init(num_cpus=2, dashboard_host="127.0.0.1", log_to_driver=False, runtime_env=env)
     yield
     ray.shutdown()
 
@@ -50,7 +54,7 @@ def reference(local_ray, tmp_path_factory):
 def test_registry_chain_aliases_and_lineage_json(reference):
     from pipelines.cli import app
 
-    root, stream, results = reference
+    root, stream, result = reference
     run_dir = root / "run"
     uri = tracking_uri_for(run_dir, None)
     client = MlflowClient(uri)
@@ -70,7 +74,7 @@ def test_registry_chain_aliases_and_lineage_json(reference):
             v.tags["data_digest"].startswith(d.dataset.digest) for d in run.inputs.dataset_inputs
         )
     champion = client.get_model_version_by_alias("tiny-stream", "champion")
-    assert champion.tags["promoted"] == "true"  # the default gate (tolerance 0, floor 0) passes on AA >= champion AA
+    assert champion.tags["promoted"] == "true" and int(champion.version) == 1  # 2 and 3 forget "first": refused
     out = CliRunner().invoke(app, ["lineage", "tiny-stream", "--tracking-uri", uri, "--json"])
     assert out.exit_code == 0, out.output
     report = json.loads(out.output)
@@ -82,26 +86,26 @@ def test_registry_chain_aliases_and_lineage_json(reference):
 def test_versions_loaded_back_reproduce_their_recorded_accuracy(reference):
     from gorp.models import load_model
     from pipelines.data import prepare_stream
-    from pipelines.stage import _evaluate
+    from pipelines.worker import _evaluate
 
-    root, stream, results = reference
+    root, stream, result = reference
     run_dir = root / "run"
     uri = tracking_uri_for(run_dir, None)
     prepared = prepare_stream(stream, root / "model", run_dir)
-    eval_sets = {p.name: {**p.eval_set, "max_prompt_tokens": 64} for p in prepared}
-    for t, ref in enumerate(["models:/tiny-stream/1", "models:/tiny-stream/2", "models:/tiny-stream@champion"]):
+    eval_sets = {p.name: p.eval_set for p in prepared}
+    assert max(max(v for v in row if v is not None) for row in result.matrix) >= 0.9  # not a matrix of zeros
+    for t, ref in enumerate(["models:/tiny-stream/1", "models:/tiny-stream/2", "models:/tiny-stream/3"]):
         model, tok = load_model(load_version(ref, uri))
-        seen = NAMES[: t + 1] if t < 2 else NAMES
-        row = results["matrix"][t if t < 2 else 2]
+        seen = NAMES[: t + 1]
         got = _evaluate(model, tok, eval_sets, seen, 8)
-        assert [got[n] for n in seen] == [row[i] for i in range(len(seen))]
+        assert [got[n] for n in seen] == result.matrix[t][: t + 1]
 
 
 def test_second_run_on_a_complete_sequence_does_nothing(reference):
-    root, stream, results = reference
+    root, stream, result = reference
     t = time.perf_counter()
     again = run_stream(stream)
-    assert again == results
+    assert again.matrix == result.matrix and [s.model_uri for s in again.stages] == [s.model_uri for s in result.stages]
     assert len(versions_of(root / "run")) == 3
     assert time.perf_counter() - t < 30  # no stage ran (no worker group was started)
 
@@ -136,17 +140,32 @@ def _checkpointed(run_dir: Path, stage: int) -> int:
 
 
 def _progress(run_dir: Path, stage: int) -> int:
-    seq = run_dir / "sequences"
-    files = list(seq.glob(f"*/{stage:02d}-*/progress.jsonl")) if seq.exists() else []
-    lines = files[0].read_text().splitlines() if files else []
-    return json.loads(lines[-1])["step"] if lines else 0
+    """The last step of ``stage`` the driver has seen (``progress.jsonl``, written as the steps arrive)."""
+    path = run_dir / "progress.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    return max((r["step"] for r in rows if r["stage"] == stage), default=0)
 
 
-def test_killed_driver_resumes_to_the_same_matrix(reference, tmp_path):
-    ref_root, _, ref_results = reference
+def _stage_models(root: Path) -> list[dict[str, torch.Tensor]]:
+    return [load_file(str(p)) for p in sorted((root / "run").glob("sequences/*/*/model/model.safetensors"))]
+
+
+def assert_resumed_exactly(ref: list[StageResult], got: list[StageResult], ref_root: Path, root: Path) -> None:
+    """The resumed stage's losses equal the reference's from the resume point on, and every stage's weights equal
+    the reference's tensor by tensor, bitwise: the same ops in the same order on the same CPU threads, from a
+    checkpoint that restores the model and the optimizer state exactly."""
+    assert [s.row for s in got] == [s.row for s in ref]
+    for r, g in zip(ref, got, strict=True):
+        assert g.losses == r.losses[g.resumed_from :], f"stage {g.stage + 1}: losses differ after the resume"
+    for r, g in zip(_stage_models(ref_root), _stage_models(root), strict=True):
+        assert r.keys() == g.keys() and all(torch.equal(r[k], g[k]) for k in r)
+
+
+def test_killed_driver_resumes_exactly(reference, tmp_path):
+    ref_root, _, ref_result = reference
     path = make_stream(tmp_path, **STREAM)
     run_dir = tmp_path / "run"
-    proc = _driver(path)
+    proc = _driver(path, "--step-sleep", "0.5")
     try:  # kill once stage 2 has a committed checkpoint and has trained past it
         _wait_for(
             lambda: (
@@ -165,34 +184,31 @@ def test_killed_driver_resumes_to_the_same_matrix(reference, tmp_path):
     out = subprocess.run([*_driver_cmd(path), "--resume"], env=_env(), capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "resuming" in out.stdout
-    results = json.loads((run_dir / "results.json").read_text())
-    assert results["matrix"] == ref_results["matrix"]  # checkpoints restore model and optimizer exactly
+    stages = [StageResult.load(str(p.parent)) for p in sorted(run_dir.glob("sequences/*/*/model/stage.json"))]
+    assert stages[1].resumed_from >= committed  # from the last checkpoint committed before the kill
+    assert_resumed_exactly(ref_result.stages, stages, ref_root, tmp_path)
     assert [int(v.version) for v in versions_of(run_dir)] == [1, 2, 3]
-    stage2 = json.loads(next(run_dir.glob("sequences/*/01-*/model/stage.json")).read_text())
-    assert stage2["resumed_from"] >= committed  # from the last checkpoint committed before the kill
     # the parent run continued: one sequence run, one FINISHED child run per stage
     client = MlflowClient(tracking_uri_for(run_dir, None))
     exp = client.get_experiment_by_name("tiny-stream")
     seqs = client.search_runs([exp.experiment_id], "tags.`gorp.kind` = 'sequence'")
-    stages = client.search_runs([exp.experiment_id], "tags.`gorp.kind` = 'stage'")
+    stage_runs = client.search_runs([exp.experiment_id], "tags.`gorp.kind` = 'stage'")
     assert len(seqs) == 1 and seqs[0].info.status == "FINISHED"
-    assert sorted(r.data.tags["gorp.stage"] for r in stages) == ["0", "1", "2"]
+    assert sorted(r.data.tags["gorp.stage"] for r in stage_runs) == ["0", "1", "2"]
 
 
 def _env() -> dict:
-    # steps slowed to 0.5 s so that the kill lands inside stage 2, after its first committed checkpoint
-    faults = json.dumps({"step_sleep": 0.5})
-    return {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}", "GORP_FAULTS": faults}
+    return {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
 
 
 def _driver_cmd(path: Path) -> list[str]:
-    return [sys.executable, "-m", "pipelines.cli", "run", str(path)]
+    return [sys.executable, str(ROOT / "tests" / "driver_main.py"), str(path)]
 
 
-def test_killed_worker_restarts_from_the_last_checkpoint(local_ray, tmp_path, monkeypatch):
+def test_killed_worker_restarts_from_the_last_checkpoint_exactly(reference, tmp_path):
     from ray.util.state import list_actors
 
-    monkeypatch.setenv("GORP_FAULTS", json.dumps({"step_sleep": 0.5}))
+    ref_root, _, ref_result = reference
     stream = load_stream(make_stream(tmp_path, **STREAM))
     run_dir = tmp_path / "run"
     killed: dict = {}
@@ -210,28 +226,28 @@ def test_killed_worker_restarts_from_the_last_checkpoint(local_ray, tmp_path, mo
 
     thread = threading.Thread(target=killer, daemon=True)
     thread.start()
-    results = run_stream(stream)
+    result = run_stream(stream, hooks=SlowSteps(0.5))
     thread.join(timeout=5)
     assert "at_step" in killed
-    stage2 = json.loads(next(run_dir.glob("sequences/*/01-*/model/stage.json")).read_text())
-    assert stage2["resumed_from"] >= killed["committed"] > 0
-    redone = killed["at_step"] - stage2["resumed_from"]
-    print(f"worker killed at step {killed['at_step']}, resumed from step {stage2['resumed_from']}: {redone} redone")
+    stage2 = result.stages[1]
+    assert stage2.resumed_from >= killed["committed"] > 0
+    redone = killed["at_step"] - stage2.resumed_from
+    print(f"worker killed at step {killed['at_step']}, resumed from step {stage2.resumed_from}: {redone} redone")
     assert 0 <= redone <= 2
-    assert len(results["matrix"]) == 3 and len(versions_of(run_dir)) == 3
+    assert_resumed_exactly(ref_result.stages, result.stages, ref_root, tmp_path)
+    assert len(versions_of(run_dir)) == 3
 
 
-def test_nan_loss_fails_the_stage_and_leaves_the_registry_alone(local_ray, tmp_path, monkeypatch):
+def test_nan_loss_fails_the_stage_and_leaves_the_registry_alone(local_ray, tmp_path):
     from gorp.models import load_model
 
     stream = load_stream(make_stream(tmp_path, **{**STREAM, "training": {"max_failures": 0}}))
     run_dir = tmp_path / "run"
-    monkeypatch.setenv("GORP_FAULTS", json.dumps({"nan": "hypernym:1"}))
-    with pytest.raises(StageFailed, match=r"(?s)stage 2/3 \(hypernym\) failed.*loss is not finite at step 1"):
-        run_stream(stream)
+    with pytest.raises(StageFailed, match=r"(?s)stage 2/3 \(second\) failed.*loss is not finite at step 2"):
+        run_stream(stream, hooks=SlowSteps(nan_at=("second", 1)))
     uri = tracking_uri_for(run_dir, None)
     client = MlflowClient(uri)
-    assert [v.tags["task"] for v in versions_of(run_dir)] == ["part_of_speech"]
+    assert [v.tags["task"] for v in versions_of(run_dir)] == ["first"]
     assert int(client.get_model_version_by_alias("tiny-stream", "champion").version) == 1
     exp = client.get_experiment_by_name("tiny-stream")
     failed = client.search_runs([exp.experiment_id], "tags.`gorp.stage` = '1'")
@@ -252,22 +268,22 @@ BAD_INPUTS = {
     ),
     "label_not_in_options": (
         lambda p: p.write_text(
-            p.read_text() + json.dumps({"instruction": "x", "input": "y", "output": "pronoun"}) + "\n"
+            p.read_text() + json.dumps({"instruction": "x", "input": "y", "output": "green"}) + "\n"
         ),
         "not among the options",
     ),
     "wrong_type": (
-        lambda p: p.write_text(p.read_text() + json.dumps({"instruction": "x", "input": 3, "output": "noun"}) + "\n"),
+        lambda p: p.write_text(p.read_text() + json.dumps({"instruction": "x", "input": 3, "output": "red"}) + "\n"),
         "string",
     ),
     "non_utf8": (
-        lambda p: p.write_bytes(p.read_bytes() + b'{"instruction": "\xff\xfe", "input": "", "output": "noun"}\n'),
+        lambda p: p.write_bytes(p.read_bytes() + b'{"instruction": "\xff\xfe", "input": "", "output": "red"}\n'),
         "UTF-8",
     ),
     "empty_file": (lambda p: p.write_text(""), "empty"),
     "huge_line": (
         lambda p: p.write_text(
-            p.read_text() + json.dumps({"instruction": "x" * 2_000_000, "input": "", "output": "noun"}) + "\n"
+            p.read_text() + json.dumps({"instruction": "x" * 2_000_000, "input": "", "output": "red"}) + "\n"
         ),
         "bytes|too long|limit",
     ),
@@ -280,7 +296,7 @@ def test_bad_record_fails_before_training_and_records_nothing(local_ray, tmp_pat
 
     corrupt, match = BAD_INPUTS[kind]
     path = make_stream(tmp_path, **STREAM)
-    data = tmp_path / "part_of_speech.train.jsonl"
+    data = tmp_path / "first.train.jsonl"
     corrupt(data)
     with pytest.raises(DataError, match=match) as err:
         run_stream(load_stream(path))
@@ -300,7 +316,7 @@ def test_stream_level_bad_input_fails_before_training(local_ray, tmp_path):
     spec = yaml.safe_load(path.read_text())
     dup = {**spec, "tasks": spec["tasks"] + [spec["tasks"][0]]}
     path.write_text(yaml.safe_dump(dup))
-    with pytest.raises(SpecError, match="duplicate task name 'part_of_speech'"):
+    with pytest.raises(SpecError, match="duplicate task name 'first'"):
         load_stream(path)
     missing = {**spec, "tasks": [{**spec["tasks"][0], "train": "nowhere.jsonl"}]}
     path.write_text(yaml.safe_dump(missing))
