@@ -379,12 +379,7 @@ class LineageRecorder(Callback):
         zero_shot = dict(zip(names, seq.zero_shot, strict=True)) if t == 0 else None
         row = dict(zip(names, seq.matrix[-1], strict=True))
         self.lin.log_stage_result(run_id, row, seq.summary, self.run_dir / "heatmap.png", data, zero_shot=zero_shot)
-        tags = {
-            "method": plan.method,
-            "data_digest": digests["train"],
-            "config_hash": self.identity,
-            "tasks": ",".join(names[: t + 1]),
-        }
+        tags = {"method": plan.method, "data_digest": digests["train"], "config_hash": self.identity}
         version = self.lin.register_stage(run_id, plan.stream.name, result.model_uri, tags)
         self.lin.finish_stage(run_id)
         self.say(f"stage {t + 1}/{len(names)} {names[t]}: registered {plan.stream.name} version {version}")

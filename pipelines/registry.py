@@ -159,11 +159,19 @@ def register_version(
     }
     for key in ("method", "data_digest", "config_hash"):
         all_tags.setdefault(key, run.data.tags.get(f"gorp.{key}", ""))
-    all_tags.setdefault("tasks", task)
+    all_tags.setdefault("tasks", ",".join(learned_tasks(client, run)))
     mv = client.create_model_version(name, source=source, run_id=run.info.run_id, tags=all_tags)
     if verdict == "pass":
         client.set_registered_model_alias(name, CHAMPION, str(mv.version))
     return int(mv.version)
+
+
+def learned_tasks(client: MlflowClient, run) -> list[str]:
+    """The tasks a stage's model has learned: those of its sequence's stages up to and including its own."""
+    stage, sequence = int(run.data.tags["gorp.stage"]), run.data.tags["gorp.sequence"]
+    found = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{sequence}'")
+    by_stage = {int(r.data.tags["gorp.stage"]): r.data.tags["gorp.task"] for r in found if "gorp.stage" in r.data.tags}
+    return [by_stage[t] for t in sorted(by_stage) if t <= stage]
 
 
 def _row(metrics: Mapping[str, float]) -> dict[str, float | None]:
