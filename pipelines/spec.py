@@ -75,6 +75,11 @@ class Task(_Strict):
     max_target_tokens: int = Field(16, gt=0)  # answer + EOS; a longer answer is an error, never truncated
     on_bad_record: Literal["error", "skip"] = "error"
 
+    @field_validator("train", "validation", "test", mode="before")
+    @classmethod
+    def _path_as_text(cls, value: Any) -> Any:
+        return str(value) if isinstance(value, Path) else value
+
     @field_validator("train", "validation", "test")
     @classmethod
     def _data_path(cls, value: str | None, info: ValidationInfo) -> str | None:

@@ -17,22 +17,10 @@ from transformers import AutoTokenizer
 
 import pipelines.data as data
 from helpers_tokenizer import make_tokenizer
-from pipelines.data import (
-    IGNORE_INDEX,
-    DataError,
-    Encoder,
-    PadCollate,
-    epoch_batches,
-    file_digest,
-    format_prompt,
-    iter_parquet_batches,
-    prepare_split,
-    scan_records,
-    steps_per_epoch,
-    take_steps,
-    tokenizer_identity,
-    validate_file,
-)
+from pipelines.data import prepare_split
+from pipelines.encoding import Encoder, tokenizer_identity
+from pipelines.feeding import IGNORE_INDEX, PadCollate, epoch_batches, iter_parquet_batches, steps_per_epoch, take_steps
+from pipelines.records import DataError, file_digest, format_prompt, scan_records, validate_file
 from pipelines.spec import Task
 
 LABELS = ["no", "yes"]

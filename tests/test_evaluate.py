@@ -221,7 +221,7 @@ def _bpe_tokenizer():
 
 def _training_logprob(model, tok, prompt: str, answer: str, seq2seq: bool) -> float:
     """Minus the summed training loss of (prompt, answer), built by the data module's Encoder: the reference."""
-    from pipelines.data import Encoder
+    from pipelines.encoding import Encoder
 
     ex = Encoder(tok, max_source_tokens=256, max_target_tokens=32, seq2seq=seq2seq).examples([prompt], [answer])
     ids, labels = torch.tensor(ex["input_ids"]), torch.tensor(ex["labels"])
@@ -238,7 +238,7 @@ def _training_logprob(model, tok, prompt: str, answer: str, seq2seq: bool) -> fl
 @pytest.mark.parametrize("kind", ["plain", "bos", "eos"])
 @pytest.mark.parametrize("seq2seq", [False, True])
 def test_sources_are_the_training_sources(tokenizers, kind, seq2seq):
-    from pipelines.data import Encoder
+    from pipelines.encoding import Encoder
 
     tok = tokenizers[kind]
     prompts = ["question about one two three four : answer", "two", "it is four five : answer"]

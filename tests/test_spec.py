@@ -50,11 +50,19 @@ def _error(fn, *args, kind=SpecError) -> str:
 
 def test_valid_stream_resolves_paths_against_the_yaml_folder(tmp_path):
     stream = load_stream(_write(tmp_path, _stream(tmp_path)))
-    assert stream.tasks[0].train == tmp_path / "a.train.jsonl"
+    assert stream.tasks[0].train == str(tmp_path / "a.train.jsonl")
     assert stream.training.grad_clip == 1.0 and stream.scaling.num_workers == 1
     assert stream.source == tmp_path / "stream.yaml"
+    (tmp_path / "models" / "tiny").mkdir(parents=True)
     local = parse_stream(_stream(tmp_path) | {"model": "models/tiny"}, base_dir=tmp_path)
-    assert local.model == str(tmp_path / "models/tiny")
+    assert local.model == str(tmp_path / "models/tiny")  # an existing folder beside the YAML
+    hub = parse_stream(_stream(tmp_path) | {"model": "HuggingFaceTB/SmolLM2-135M"}, base_dir=tmp_path)
+    assert hub.model == "HuggingFaceTB/SmolLM2-135M"  # no such folder: a Hugging Face id (the local cache)
+    remote = parse_stream(_stream(tmp_path) | {"model": "s3://bucket/models/tiny"}, base_dir=tmp_path)
+    assert remote.model == "s3://bucket/models/tiny"
+    uri_data = _stream(tmp_path)
+    uri_data["tasks"][0] |= {"train": "s3://bucket/data/a.train.jsonl"}
+    assert parse_stream(uri_data, base_dir=tmp_path).tasks[0].train == "s3://bucket/data/a.train.jsonl"
 
 
 def test_unknown_key_is_named_with_its_path(tmp_path):
@@ -69,7 +77,7 @@ def test_wrong_type_is_named(tmp_path):
     msg = _error(load_stream, _write(tmp_path, _stream(tmp_path) | {"training": {"epochs": "three"}}))
     assert "stream.yaml: training.epochs: Input should be a valid integer" in msg and "'three'" in msg
     msg = _error(load_stream, _write(tmp_path, _stream(tmp_path) | {"method": "gorpp"}))
-    assert "method: Input should be 'gorp'" in msg
+    assert "stream.yaml: method: unknown method 'gorpp'; choose from gorp, full, lora" in msg
 
 
 def test_bare_yes_no_labels_get_a_quoting_hint(tmp_path):
