@@ -30,6 +30,8 @@ from torch.optim import Optimizer
 from gorp.distributed import ProcessGroup, all_reduce_sum, gather_rows, local_and_group, row_offset
 from gorp.projector import (
     METHODS,
+    OVERSAMPLE,
+    POWER_ITERS,
     choose_side,
     compute_projection,
     outside_energy,
@@ -50,11 +52,11 @@ DEFAULTS: dict[str, Any] = {
     "rank": 8,
     "update_gap": 10,
     "scale": 1.0,
-    "proj_method": "svd",
+    "proj_method": "randomized",
     "refresh": "fixed",
     "adaptive_threshold": 0.4,
-    "oversample": 8,
-    "power_iters": 2,
+    "oversample": OVERSAMPLE,
+    "power_iters": POWER_ITERS,
     "seed": 0,
 }
 
@@ -256,14 +258,9 @@ class ProjAdamW(Optimizer):
             st["exp_avg"] = torch.zeros_like(r)
             st["exp_avg_sq"] = torch.zeros_like(r)
         else:
-            since = int(st["step"].item()) - int(st["last_refresh"].item())
-            r = project(grad, st["proj"], side, group)
-            refresh = (
-                since >= g["update_gap"]
-                if g["refresh"] == "fixed"
-                else (since >= g["update_gap"] and outside_energy(grad, r, side, group) > g["adaptive_threshold"])
-            )
-            if refresh:
+            due = int(st["step"].item()) - int(st["last_refresh"].item()) >= g["update_gap"]
+            r = None if due and g["refresh"] == "fixed" else project(grad, st["proj"], side, group)
+            if due and (r is None or outside_energy(grad, r, side, group) > g["adaptive_threshold"]):
                 n = int(st["n_refresh"].item())
                 st["proj"] = compute_projection(
                     grad, g["rank"], side, group, g["proj_method"], seed=seed + 104729 * n, **kw

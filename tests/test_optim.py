@@ -40,7 +40,8 @@ def reference_galore_adam(w0, grads, *, lr, rank, gap, scale, b1=0.9, b2=0.999, 
 
 
 @pytest.mark.parametrize("with_basis", [False, True])
-def test_projected_steps_match_reference(with_basis):
+@pytest.mark.parametrize("proj_method", ["svd", "randomized"])  # randomized: sketch r + 24 >= n = 10, the whole space
+def test_projected_steps_match_reference(with_basis, proj_method):
     torch.manual_seed(0)
     m_, n_ = 24, 10
     w = torch.nn.Parameter(torch.randn(m_, n_, dtype=torch.float64))  # float64: the 1e-6 check below is not rounding
@@ -52,7 +53,8 @@ def test_projected_steps_match_reference(with_basis):
         vv = torch.linalg.qr(torch.randn(n_, n_)).Q
         grads.append((u * (0.5 ** torch.arange(n_, dtype=torch.float32))) @ vv.T)
     basis = torch.linalg.qr(torch.randn(m_, 3)).Q if with_basis else None
-    opt = ProjAdamW([{"kind": "projected", "params": [w], "names": ["w"]}], lr=0.01, rank=3, update_gap=5, scale=0.5)
+    group = {"kind": "projected", "params": [w], "names": ["w"], "proj_method": proj_method}
+    opt = ProjAdamW([group], lr=0.01, rank=3, update_gap=5, scale=0.5)
     if with_basis:
         assert opt.set_basis({"w": basis}) == 1
     for g in grads:
