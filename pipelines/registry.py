@@ -382,9 +382,16 @@ def resolve_version(uri: str, tracking_uri: str):
         raise LookupError(f"model {name!r} has no version {version} at {tracking_uri}") from None
 
 
+MLFLOW_SCHEMES = ("runs", "models", "mlflow-artifacts", "dbfs")  # sources only MLflow can download
+
+
 def load_version(uri: str, tracking_uri: str, dst_path: str | Path | None = None) -> Path:
-    """The local folder of a registered version, for ``gorp.models.load_model``; a remote source is downloaded."""
+    """The local folder of a registered version, for ``gorp.models.load_model``. A source in object storage
+    (``s3://``, ``gs://``, ...) is downloaded once into ``dst_path`` (default: ``$GORP_CACHE/remote``); an MLflow
+    artifact URI through MLflow."""
     import mlflow.artifacts
+
+    from pipelines import storage
 
     mv = resolve_version(uri, tracking_uri)
     path = local_path(mv.source)
@@ -395,5 +402,10 @@ def load_version(uri: str, tracking_uri: str, dst_path: str | Path | None = None
                 "was moved or deleted"
             )
         return path
+    if urlparse(mv.source).scheme not in MLFLOW_SCHEMES:
+        try:
+            return storage.local_dir(mv.source, dst_path)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{uri} (version {mv.version}) points at {mv.source}, which is not there") from None
     dst = None if dst_path is None else str(dst_path)
     return Path(mlflow.artifacts.download_artifacts(artifact_uri=mv.source, tracking_uri=tracking_uri, dst_path=dst))

@@ -19,8 +19,9 @@ from pathlib import Path
 
 from pipelines.lineage import Lineage, LineageRecorder, tracking_uri_for
 from pipelines.recorders import ProgressDisplay, ResultsWriter
+from pipelines.records import file_digest
 from pipelines.results import SequenceResult, StageResult
-from pipelines.sequence import identity, run_sequence
+from pipelines.sequence import check_history, identity, run_sequence
 
 
 class SequenceExists(RuntimeError):
@@ -48,6 +49,7 @@ def _plan(lin: Lineage, stream, ident: str, *, resume: bool, restart: bool, say)
         return None, ident if not restart else f"{ident}-{uuid.uuid4().hex[:6]}", []
     sequence_id, status = lin.sequence_info(existing)
     history = [StageResult.load(rec.source) for rec in lin.completed_stages(existing).values()]
+    check_history(stream, history, [{"train": file_digest(t.train)} for t in stream.tasks[: len(history)]])
     n = len(stream.tasks)
     if status != "FINISHED" and not resume:
         raise SequenceExists(

@@ -21,8 +21,9 @@ TASKS = {  # name -> (instruction, options, the answer)
     "first": ("Name the first color.", ["red", "blue"], "red"),
     "second": ("Name the second color.", ["red", "blue"], "blue"),
     "animal": ("Name the animal.", ["cat", "dog"], "dog"),
+    "bird": ("Name the bird.", ["owl", "hen"], "owl"),  # a task to append to a sequence
 }
-NAMES = list(TASKS)
+NAMES = ["first", "second", "animal"]  # the stream's tasks unless told otherwise
 WORDS = "apple sky grass coal snow sun sea leaf rock tree moon star bird fish road lake".split()
 # settings under which every method learns each task in 12 steps of 8 examples (see the module docstring)
 METHOD_ARGS = {
