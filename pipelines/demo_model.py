@@ -108,7 +108,8 @@ def _from_hf_cache(repo_id: str) -> Path:
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     try:
-        return Path(snapshot_download(repo_id, local_files_only=True))
+        # HF_HUB_CACHE read now, not when huggingface_hub was imported
+        return Path(snapshot_download(repo_id, local_files_only=True, cache_dir=os.environ.get("HF_HUB_CACHE")))
     except LocalEntryNotFoundError:
         cache = os.environ.get("HF_HUB_CACHE", "~/.cache/huggingface/hub")
         raise FileNotFoundError(

@@ -15,6 +15,7 @@ a folder waits for a marker file that is written last (a stage's ``stage.json``)
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import shutil
 import tempfile
@@ -91,7 +92,7 @@ def open_input(location: str | os.PathLike):
     if is_local(location):
         return open(local_path(location), "rb")
     fs, path = filesystem(location)
-    return fs.open_input_file(path)
+    return io.BufferedReader(fs.open_input_file(path), buffer_size=1 << 20)  # lines, like a local file
 
 
 def write_text(location: str | os.PathLike, text: str) -> None:
