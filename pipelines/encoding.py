@@ -10,7 +10,7 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -41,6 +41,27 @@ def special_tokens_around(tokenizer) -> tuple[list[int], list[int]]:
     return [], []
 
 
+class Prompts(NamedTuple):
+    ids: list[list[int]]  # special tokens around the (cut) prompt
+    lengths: list[int]  # each prompt's length before cutting (no special tokens)
+    cut: list[bool]  # whether it was cut
+
+
+def encode_prompts(tokenizer, prompts: Sequence[str], *, max_source_tokens: int | None, seq2seq: bool) -> Prompts:
+    """Prompts to source ids exactly as training and evaluation feed them: the tokenizer's special tokens around, the
+    prompt cut from the left to fit ``max_source_tokens`` (special tokens included; None: no limit). A causal LM's own
+    suffix (rare) is left out: the answer follows the prompt."""
+    prefix, suffix = special_tokens_around(tokenizer)
+    suffix = suffix if seq2seq else []
+    budget = None if max_source_tokens is None else max_source_tokens - len(prefix) - len(suffix)
+    if budget is not None and budget < 1:
+        raise ValueError(f"max_source_tokens={max_source_tokens} leaves no room beside the special tokens")
+    bodies = tokenizer(list(prompts), add_special_tokens=False)["input_ids"] if len(prompts) else []
+    cut = [budget is not None and len(b) > budget for b in bodies]
+    ids = [prefix + (list(b)[-budget:] if c else list(b)) + suffix for b, c in zip(bodies, cut, strict=True)]
+    return Prompts(ids, [len(b) for b in bodies], cut)
+
+
 class Encoder:
     """Prompts and answers to token ids with a label-only loss mask, under fixed length limits.
 
@@ -52,17 +73,12 @@ class Encoder:
         if tokenizer.eos_token_id is None:
             raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has no EOS token; set tokenizer.eos_token")
         self.tokenizer, self.seq2seq, self.eos = tokenizer, seq2seq, tokenizer.eos_token_id
-        self.prefix, suffix = special_tokens_around(tokenizer)
-        self.suffix = suffix if seq2seq else []  # a causal LM's own suffix (rare) would sit before the answer
-        self.budget = max_source_tokens - len(self.prefix) - len(self.suffix)
-        self.max_target_tokens = max_target_tokens
-        if self.budget < 1:
-            raise ValueError(f"max_source_tokens={max_source_tokens} leaves no room beside the special tokens")
+        self.max_source_tokens, self.max_target_tokens = max_source_tokens, max_target_tokens
+        encode_prompts(tokenizer, [], max_source_tokens=max_source_tokens, seq2seq=seq2seq)  # the limit fits
 
-    def prompts(self, prompts: Sequence[str]) -> tuple[list[list[int]], list[int]]:
-        """(source ids, untruncated prompt lengths): what generation and rank classification feed the model."""
-        ids = self.tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
-        return [self.prefix + p[-self.budget :] + self.suffix for p in ids], [len(p) for p in ids]
+    def prompts(self, prompts: Sequence[str]) -> Prompts:
+        """Source ids (what generation and rank classification feed the model), lengths, and which were cut."""
+        return encode_prompts(self.tokenizer, prompts, max_source_tokens=self.max_source_tokens, seq2seq=self.seq2seq)
 
     def targets(self, outputs: Sequence[str]) -> list[list[int]]:
         texts = [format_target(o, seq2seq=self.seq2seq) for o in outputs]
@@ -77,7 +93,7 @@ class Encoder:
 
     def examples(self, prompts: Sequence[str], outputs: Sequence[str]) -> dict[str, list]:
         """Causal: input_ids = source + answer + EOS, labels = -100 on the source. Seq2seq: labels = answer + EOS."""
-        sources, raw_lengths = self.prompts(prompts)
+        sources, raw_lengths, cut = self.prompts(prompts)
         targets = self.targets(outputs)
         if self.seq2seq:
             input_ids, labels = sources, targets
@@ -88,7 +104,7 @@ class Encoder:
             "input_ids": input_ids,
             "labels": labels,
             "n_prompt_tokens": raw_lengths,
-            "truncated": [n > self.budget for n in raw_lengths],
+            "truncated": cut,
         }
 
 

@@ -33,6 +33,7 @@ import torch
 from torch.nn import functional as F
 
 from gorp.metrics import exact_match, normalize_answer
+from pipelines.encoding import encode_prompts
 from pipelines.records import format_target
 
 METRICS = ("exact_match", "rank_classification")
@@ -82,17 +83,6 @@ def merge_counts(parts: Sequence[EvalResult]) -> EvalResult:
 # ---- tokenization ------------------------------------------------------------------------------------------------
 
 
-def _special_layout(tokenizer) -> tuple[list[int], list[int]]:
-    """(prefix, suffix) special tokens the tokenizer adds around a single sequence, e.g. ([bos], []) or ([], [eos])."""
-    probe = "a b"
-    plain = tokenizer(probe, add_special_tokens=False)["input_ids"]
-    full = tokenizer(probe, add_special_tokens=True)["input_ids"]
-    for i in range(len(full) - len(plain) + 1):
-        if full[i : i + len(plain)] == plain:
-            return list(full[:i]), list(full[i + len(plain) :])
-    return [], []
-
-
 def _encode(tokenizer, texts: Sequence[str]) -> list[list[int]]:
     return [list(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]] if texts else []
 
@@ -105,28 +95,10 @@ def _pad_and_eos(tokenizer) -> tuple[int, list[int]]:
     return pad, [] if eos is None else [eos]
 
 
-def _truncate(body: list[int], keep: int | None) -> tuple[list[int], bool]:
-    """The last ``keep`` tokens of ``body`` (left truncation)."""
-    if keep is None or len(body) <= keep:
-        return body, False
-    return body[len(body) - keep :] if keep > 0 else [], True
-
-
-def _budget(max_prompt_tokens: int | None, specials: int) -> int | None:
-    return None if max_prompt_tokens is None else max(max_prompt_tokens - specials, 1)
-
-
 def _sources(tokenizer, prompts: Sequence[str], seq2seq: bool, max_prompt_tokens: int | None, fallback: int):
-    """Source ids as training builds them (``pipelines.encoding.Encoder.prompts``), and how many prompts were cut."""
-    prefix, suffix = _special_layout(tokenizer)
-    tail = suffix if seq2seq else []  # a causal LM's answer follows the prompt: no EOS (or other suffix) before it
-    keep = _budget(max_prompt_tokens, len(prefix) + len(tail))
-    sources, truncated = [], 0
-    for body in _encode(tokenizer, prompts):
-        body, cut = _truncate(body, keep)
-        truncated += cut
-        sources.append(prefix + body + tail or [fallback])  # a causal LM needs a token to predict the first from
-    return sources, truncated
+    """Source ids as training builds them (:func:`pipelines.encoding.encode_prompts`), and how many were cut."""
+    ids, _, cut = encode_prompts(tokenizer, prompts, max_source_tokens=max_prompt_tokens, seq2seq=seq2seq)
+    return [s or [fallback] for s in ids], sum(cut)  # a causal LM needs a token to predict the first from
 
 
 def _left_pad(seqs: Sequence[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
