@@ -6,7 +6,6 @@
           ──to_arrow_refs──> the driver writes cache_dir/<task>.<split>.<key>/data (Parquet) per part
                              key = file sha256 + tokenizer + template + limits
     train: PreparedSplit.dataset() (the cached rows, materialized) ──get_dataset_shard(name)──> padded batches
-    tests / one process: iter_parquet_batches(path) over the same Parquet
 
 Every split missing from the cache goes through **one** Ray Data job (one actor pool, one tokenizer load per actor),
 not one job per task: on a small machine a job's fixed cost (executor, actor start-up, tokenizer import) is seconds,
@@ -206,11 +205,6 @@ def prepare_splits(
         )
         out.append(prepared)
     return out
-
-
-def prepare_split(task: Task, split: str, **kwargs) -> PreparedSplit:
-    """One split: ``prepare_splits([(task, split)], **kwargs)[0]``."""
-    return prepare_splits([(task, split)], **kwargs)[0]
 
 
 def _build_entries(

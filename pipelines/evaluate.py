@@ -58,28 +58,6 @@ def split_for_rank(items: Sequence[T], rank: int, world: int) -> list[T]:
     return list(items[rank::world])
 
 
-def merge_counts(parts: Sequence[EvalResult]) -> EvalResult:
-    """One result from the per-rank results of ``split_for_rank`` splits, given in rank order.
-
-    Counts are summed (each example was scored by exactly one rank), predictions are interleaved back into the original
-    order, ``seconds`` is the slowest rank's (the ranks ran in parallel).
-    """
-    if not parts:
-        raise ValueError("merge_counts needs at least one result")
-    world, total = len(parts), sum(p.n for p in parts)
-    for rank, p in enumerate(parts):
-        expected = len(range(rank, total, world))
-        if p.n != expected or len(p.predictions) != p.n:
-            raise ValueError(
-                f"result of rank {rank} has {p.n} examples ({len(p.predictions)} predictions), expected {expected}: "
-                "merge_counts takes the results of split_for_rank splits, in rank order"
-            )
-    predictions = [parts[i % world].predictions[i // world] for i in range(total)]
-    correct, seconds = sum(p.correct for p in parts), max(p.seconds for p in parts)
-    accuracy = correct / total if total else 0.0
-    return EvalResult(accuracy, total, predictions, seconds, correct=correct, truncated=sum(p.truncated for p in parts))
-
-
 # ---- tokenization ------------------------------------------------------------------------------------------------
 
 

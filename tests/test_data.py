@@ -5,9 +5,9 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import threading
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -17,14 +17,27 @@ from transformers import AutoTokenizer
 
 import pipelines.data as data
 from helpers_tokenizer import make_tokenizer
-from pipelines.data import prepare_split
+from pipelines.data import prepare_splits
 from pipelines.encoding import Encoder, tokenizer_identity
-from pipelines.feeding import IGNORE_INDEX, PadCollate, epoch_batches, iter_parquet_batches, steps_per_epoch, take_steps
+from pipelines.feeding import IGNORE_INDEX, MODEL_COLUMNS, PadCollate
 from pipelines.records import DataError, file_digest, format_prompt, scan_records, validate_file
 from pipelines.spec import Task
 
 LABELS = ["no", "yes"]
 INSTRUCTION = "Is the first word a kind of the second?"
+
+
+def prepare_split(task, **kwargs):
+    return prepare_splits([(task, "train")], **kwargs)[0]
+
+
+def iter_parquet_batches(path, *, batch_size: int, pad_token_id: int, seed: int | None = None):
+    """The cached rows as padded batches without Ray, shuffled by ``seed`` (None: file order)."""
+    table = pq.read_table(str(path), columns=list(MODEL_COLUMNS))
+    order = np.random.default_rng(seed).permutation(table.num_rows) if seed is not None else np.arange(table.num_rows)
+    collate = PadCollate(pad_token_id)
+    for start in range(0, table.num_rows - table.num_rows % batch_size, batch_size):
+        yield collate(table.take(order[start : start + batch_size]))
 
 
 def _records(n: int) -> list[dict]:
@@ -194,7 +207,7 @@ def test_round_trip_and_cache_hit(ray_local, tmp_path, tok_dir, tok, monkeypatch
         max_source_tokens=64,
         max_target_tokens=4,
     )
-    first = prepare_split(task, "train", tokenizer_path=tok_dir, cache_dir=tmp_path / "cache")
+    first = prepare_split(task, tokenizer_path=tok_dir, cache_dir=tmp_path / "cache")
     assert not first.cache_hit and (first.num_rows, first.num_bad, first.num_truncated) == (20, 0, 0)
     table = pq.read_table(first.path)
     for rec, ids, labels in zip(records, table["input_ids"].to_pylist(), table["labels"].to_pylist(), strict=True):
@@ -207,11 +220,11 @@ def test_round_trip_and_cache_hit(ray_local, tmp_path, tok_dir, tok, monkeypatch
         raise AssertionError("a cache hit must not tokenize")
 
     monkeypatch.setattr(data, "_tokenize", no_tokenizing)
-    again = prepare_split(task, "train", tokenizer_path=tok_dir, cache_dir=tmp_path / "cache")
+    again = prepare_split(task, tokenizer_path=tok_dir, cache_dir=tmp_path / "cache")
     assert again.cache_hit and again.path == first.path and again.num_rows == 20
     changed = task.model_copy(update={"max_source_tokens": 32})  # another key: would tokenize again
     with pytest.raises(AssertionError, match="must not tokenize"):
-        prepare_split(changed, "train", tokenizer_path=tok_dir, cache_dir=tmp_path / "cache")
+        prepare_split(changed, tokenizer_path=tok_dir, cache_dir=tmp_path / "cache")
 
     batches = list(iter_parquet_batches(first.path, batch_size=8, pad_token_id=first.pad_token_id, seed=0))
     assert len(batches) == 2 and batches[0]["input_ids"].shape[0] == 8
@@ -265,57 +278,15 @@ def test_skip_mode_through_ray_quarantines_and_reads_the_good_records(ray_local,
     src = _jsonl(tmp_path / "t.jsonl", _records(10), {3: b"\xff\xfe not utf-8", 7: b'{"instruction": "q", "inpu'})
     task = Task(name="t", train=src, test=src, labels=LABELS, on_bad_record="skip")
     prep = prepare_split(
-        task, "train", tokenizer_path=tok_dir, cache_dir=tmp_path / "c", quarantine_dir=tmp_path / "quarantine"
+        task, tokenizer_path=tok_dir, cache_dir=tmp_path / "c", quarantine_dir=tmp_path / "quarantine"
     )
     assert (prep.num_rows, prep.num_bad) == (10, 2) and prep.quarantine == tmp_path / "quarantine" / "t.train.jsonl"
     bad = [json.loads(line) for line in prep.quarantine.read_text().splitlines()]
     assert [b["line"] for b in bad] == [3, 7] and "invalid UTF-8" in bad[0]["reason"]
     strict = task.model_copy(update={"on_bad_record": "error"})
     with pytest.raises(DataError, match=r"t\.jsonl:3: invalid UTF-8"):
-        prepare_split(strict, "train", tokenizer_path=tok_dir, cache_dir=tmp_path / "c")
+        prepare_split(strict, tokenizer_path=tok_dir, cache_dir=tmp_path / "c")
     short = task.model_copy(update={"max_target_tokens": 1})  # the check runs in a Ray actor; the error comes back
     with pytest.raises(DataError, match=r"t\.jsonl: answer '(no|yes)' is 2 tokens with EOS, over max_target_tokens=1"):
-        prepare_split(short, "train", tokenizer_path=tok_dir, cache_dir=tmp_path / "c")
+        prepare_split(short, tokenizer_path=tok_dir, cache_dir=tmp_path / "c")
     assert [p.name for p in (tmp_path / "c").iterdir()] == [prep.path.parent.name]  # no half-written entry left
-
-
-def test_take_steps_equalizes_uneven_shards():
-    assert list(take_steps(iter(range(7)), 3)) == [0, 1, 2]  # a long shard: cut (the rest is drained)
-    assert list(take_steps(iter([0, 1]), 4)) == [0, 1, 1, 1]  # a short one: its last batch repeated
-    assert steps_per_epoch(100, 8, 2) == 6
-    with pytest.raises(ValueError, match="fewer than one global batch"):
-        steps_per_epoch(10, 8, 2)
-
-
-def _rows(n: int, offset: int = 0) -> list[dict]:
-    return [{"input_ids": [1, 2, 3][: 1 + i % 3], "labels": [offset + i]} for i in range(n)]
-
-
-def test_uneven_ray_shards_give_equal_step_counts(ray_local):
-    # two shards of 40 and 26 rows (a DataIterator each, as get_dataset_shard returns): 66 // (4 * 2) = 8 steps
-    shards = [ray.data.from_items(_rows(40)).iterator(), ray.data.from_items(_rows(26, 100)).iterator()]
-    steps = steps_per_epoch(66, 4, 2)
-    seen = [
-        [b["labels"][:, 0].tolist() for b in epoch_batches(s, steps=steps, batch_size=4, pad_token_id=0)]
-        for s in shards
-    ]
-    assert [len(s) for s in seen] == [steps, steps]
-    assert seen[0][-1] == [28, 29, 30, 31]  # the long shard stops at 8 batches
-    assert seen[1][5:] == [[120, 121, 122, 123]] * 3  # the short one (6 full batches) repeats its last
-
-    # a streaming split (what Ray Train hands out) over several epochs: every rank the same count, nothing hangs
-    split = ray.data.from_items(_rows(66)).streaming_split(2, equal=False)
-    counts: dict[int, list[int]] = {0: [], 1: []}
-
-    def rank(r: int) -> None:
-        for epoch in range(2):
-            n = sum(1 for _ in epoch_batches(split[r], steps=3, batch_size=4, pad_token_id=0, seed=epoch))
-            counts[r].append(n)
-
-    threads = [threading.Thread(target=rank, args=(r,)) for r in (0, 1)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
-    assert not any(t.is_alive() for t in threads), "a rank hung"
-    assert counts == {0: [3, 3], 1: [3, 3]}

@@ -209,7 +209,3 @@ def lora_pairs(model: nn.Module) -> dict[str, tuple[nn.Parameter, nn.Parameter]]
                 out.setdefault(strip_peft(name.split(part)[0]), [None, None])[idx] = p
     return {k: (a, b) for k, (a, b) in out.items()}
 
-
-def lora_scaling(model: nn.Module) -> float:
-    cfg = model.peft_config["default"]
-    return cfg.lora_alpha / cfg.r

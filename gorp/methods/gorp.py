@@ -167,6 +167,3 @@ class Gorp(ContinualMethod):
             raise ValueError(f"unexpected gorp state entries: {bad[:3]}")
         bases = {k[len("memory/") :]: v for k, v in tensors.items()}
         self.memory = TaskMemory(self.args.memory_threshold, bases, rule=self.args.memory_rule)
-
-    def lora_modules(self, model: nn.Module) -> list[str]:
-        return sorted(lora_pairs(model))
