@@ -112,13 +112,14 @@ def run(
 @app.command()
 def lineage(
     name: str = typer.Argument(..., help="the registered model (the stream's name)"),
-    tracking_uri: str = typer.Option(None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI)"),
+    run_dir: Path = typer.Option(Path("runs"), help="the stream's run directory (its mlflow.db)"),
+    tracking_uri: str = typer.Option(None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else run-dir's)"),
     as_json: bool = typer.Option(False, "--json", help="print JSON for scripts"),
 ) -> None:
     """The chain of model versions: task, parent, method, data digest, AA, BWT, aliases, and the accuracy matrix."""
     from pipelines.registry import lineage_command
 
-    raise typer.Exit(lineage_command(name, tracking_uri, as_json, console=console))
+    raise typer.Exit(lineage_command(name, tracking_uri, as_json, console=console, run_dir=run_dir))
 
 
 @app.command("prepare-model")

@@ -25,7 +25,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -34,22 +33,19 @@ from typing import Any, NamedTuple
 
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param
 
-from pipelines.registry import DEFAULT_MAX_FORGETTING, client_for, local_path, metric_key, register_version
+from pipelines.registry import (
+    DEFAULT_MAX_FORGETTING,
+    client_for,
+    local_path,
+    metric_key,
+    register_version,
+)
 from pipelines.results import SequenceResult, StageResult
 from pipelines.sequence import Callback, SequencePlan
 
 MAX_PARAM_VALUE = 6000  # MLflow 3 limit
 _BATCH = 500
 _FINAL = ("FINISHED", "FAILED", "KILLED")
-
-
-def tracking_uri_for(run_dir: str | Path, configured: str | None = None) -> str:
-    """The configured URI, else ``MLFLOW_TRACKING_URI``, else ``sqlite:///<absolute run_dir>/mlflow.db``."""
-    if configured:
-        return configured
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
-    return f"sqlite:///{Path(run_dir).resolve() / 'mlflow.db'}"
 
 
 class DataRef(NamedTuple):

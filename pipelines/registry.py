@@ -303,30 +303,37 @@ def render_lineage(report: dict[str, Any]):
     return Group(chain, matrix)
 
 
-def default_tracking_uri(tracking_uri: str | None) -> str:
-    """For reading: the given URI, else ``MLFLOW_TRACKING_URI``, else ``./mlflow.db`` if it exists."""
+def tracking_uri_for(run_dir: str | Path, configured: str | None = None) -> str:
+    """The one default of every command: the configured URI, else ``MLFLOW_TRACKING_URI``, else
+    ``sqlite:///<absolute run_dir>/mlflow.db``."""
     import os
 
-    if tracking_uri:
-        return tracking_uri
+    if configured:
+        return configured
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
-    local = Path("mlflow.db").resolve()
-    if local.is_file():
-        return f"sqlite:///{local}"
-    raise LookupError(
-        "no tracking store: pass --tracking-uri sqlite:///<run_dir>/mlflow.db (the run directory of `gorp run`) "
-        "or set MLFLOW_TRACKING_URI"
-    )
+    return f"sqlite:///{Path(run_dir).resolve() / 'mlflow.db'}"
 
 
-def lineage_command(name: str, tracking_uri: str | None = None, as_json: bool = False, console=None) -> int:
-    """``gorp lineage NAME [--json] [--tracking-uri URI]``: print the report; returns the exit code."""
+def store_exists(tracking_uri: str) -> bool:
+    """False for a SQLite store whose file is not there (reading it would create it): read-only commands check first."""
+    return not tracking_uri.startswith("sqlite:///") or Path(tracking_uri[len("sqlite:///") :]).is_file()
+
+
+def lineage_command(
+    name: str, tracking_uri: str | None = None, as_json: bool = False, console=None, run_dir: str | Path = "runs"
+) -> int:
+    """``gorp lineage NAME [--json] [--run-dir DIR | --tracking-uri URI]``: print the report; returns the exit code."""
     from rich.console import Console
 
     quiet_mlflow_logs()
+    uri = tracking_uri_for(run_dir, tracking_uri)
     try:
-        uri = default_tracking_uri(tracking_uri)
+        if not store_exists(uri):
+            raise LookupError(
+                f"no tracking store at {uri}: pass --run-dir (the stream's run_dir) or --tracking-uri, or set "
+                "MLFLOW_TRACKING_URI"
+            )
         report = lineage_report(name, uri)
     except LookupError as e:
         print(f"error: {e.args[0]}", file=sys.stderr)

@@ -17,20 +17,16 @@ from __future__ import annotations
 import uuid
 from pathlib import Path
 
-from pipelines.lineage import Lineage, LineageRecorder, tracking_uri_for
+from pipelines.lineage import Lineage, LineageRecorder
 from pipelines.recorders import ProgressDisplay, ResultsWriter
 from pipelines.records import file_digest
+from pipelines.registry import store_exists, tracking_uri_for
 from pipelines.results import SequenceResult, StageResult
 from pipelines.sequence import check_history, identity, run_sequence
 
 
 class SequenceExists(RuntimeError):
     """An interrupted sequence with the same configuration exists: resume it or restart explicitly."""
-
-
-def _store_exists(tracking_uri: str) -> bool:
-    """False for a SQLite store whose file is not there yet (reading it would create it)."""
-    return not tracking_uri.startswith("sqlite:///") or Path(tracking_uri[len("sqlite:///") :]).is_file()
 
 
 def resolve_start(start_from: str | None, tracking_uri: str) -> str | None:
@@ -44,7 +40,8 @@ def resolve_start(start_from: str | None, tracking_uri: str) -> str | None:
 
 def _plan(lin: Lineage, stream, ident: str, *, resume: bool, restart: bool, say) -> tuple[str | None, str, list]:
     """(the parent run to reopen or None, the sequence id, the results of the stages already done)."""
-    existing = None if restart or not _store_exists(lin.tracking_uri) else lin.find_sequence(stream.name, ident)
+    fresh = restart or not store_exists(lin.tracking_uri)
+    existing = None if fresh else lin.find_sequence(stream.name, ident)
     if existing is None:
         return None, ident if not restart else f"{ident}-{uuid.uuid4().hex[:6]}", []
     sequence_id, status = lin.sequence_info(existing)
@@ -93,6 +90,8 @@ def run_stream(
     ident = identity(stream, method, start_uri)
     lin = Lineage(tracking_uri, ml.experiment, max_forgetting=ml.max_forgetting, new_task_floor=ml.new_task_floor)
     reopen, sequence_id, history = _plan(lin, stream, ident, resume=resume, restart=restart, say=console.print)
+    if start_uri is not None and not history:
+        console.print(f"starting {stream.name} ({sequence_id}) from {start_from}: {start_uri}")
     writer = ResultsWriter(run_dir)
     if len(history) == len(stream.tasks) and reopen is not None:
         console.print(

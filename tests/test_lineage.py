@@ -16,8 +16,16 @@ from rich.console import Console
 
 from gorp.models import load_model, tiny_llama
 from helpers_tokenizer import make_tokenizer
-from pipelines.lineage import DataRef, Lineage, tracking_uri_for
-from pipelines.registry import gate, gate_reason, lineage_command, lineage_report, load_version, render_lineage
+from pipelines.lineage import DataRef, Lineage
+from pipelines.registry import (
+    gate,
+    gate_reason,
+    lineage_command,
+    lineage_report,
+    load_version,
+    render_lineage,
+    tracking_uri_for,
+)
 
 TASKS = ["nouns", "verbs", "pos"]
 # R[t][i]; stage 2 loses 0.315 on average on the tasks the champion (v2) knows, more than TOL: champion stays at v2
@@ -262,3 +270,9 @@ def test_works_while_an_unrelated_run_is_active(uri, folders, monkeypatch):
         assert not any(k.startswith("gorp.") for k in caller.data.tags)
     finally:
         mlflow.set_tracking_uri(None)
+
+
+def test_lineage_of_a_missing_store_creates_nothing(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert lineage_command("wn", run_dir=tmp_path / "nope") == 2
+    assert "no tracking store at sqlite:///" in capsys.readouterr().err and not (tmp_path / "nope").exists()

@@ -20,7 +20,7 @@ from ray.cluster_utils import Cluster
 
 from pipeline_fixtures import NAMES, make_model, make_stream
 from pipelines import storage
-from pipelines.lineage import tracking_uri_for
+from pipelines.registry import tracking_uri_for
 from pipelines.run import run_stream
 from pipelines.spec import load_stream
 

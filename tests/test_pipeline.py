@@ -182,8 +182,7 @@ def test_the_carry_over_checks_catch_a_broken_carry_over(local_ray, tmp_path):
 def test_registry_and_lineage_after_three_stages(two_workers):
     from mlflow import MlflowClient
 
-    from pipelines.lineage import tracking_uri_for
-    from pipelines.registry import lineage_report
+    from pipelines.registry import lineage_report, tracking_uri_for
 
     root, stream, result, _ = two_workers
     uri = tracking_uri_for(root / "run", None)

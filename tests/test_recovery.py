@@ -20,8 +20,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from pipeline_fixtures import NAMES, SlowSteps, make_stream
-from pipelines.lineage import tracking_uri_for
-from pipelines.registry import lineage_report, load_version
+from pipelines.registry import lineage_report, load_version, tracking_uri_for
 from pipelines.results import StageResult
 from pipelines.run import run_stream
 from pipelines.sequence import StageFailed

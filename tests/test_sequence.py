@@ -15,7 +15,7 @@ from rich.console import Console
 from safetensors.torch import load_file
 
 from pipeline_fixtures import NAMES, make_stream
-from pipelines.lineage import tracking_uri_for
+from pipelines.registry import tracking_uri_for
 from pipelines.run import run_stream
 from pipelines.spec import load_stream
 from pipelines.worker import weights_digest
@@ -32,7 +32,7 @@ def local_ray():
 
 def _run(path: Path, **kwargs):
     out = io.StringIO()
-    result = run_stream(load_stream(path), console=Console(file=out, width=200), **kwargs)
+    result = run_stream(load_stream(path), console=Console(file=out, width=1000), **kwargs)
     return result, out.getvalue()
 
 
@@ -80,7 +80,8 @@ def test_start_from_a_registered_version(three, tmp_path):
     spec = yaml.safe_load(other.read_text())
     spec |= {"model": str(root / "model"), "mlflow": {"tracking_uri": tracking_uri_for(root / "run", None)}}
     other.write_text(yaml.safe_dump(spec))
-    result, _ = _run(other, start_from="models:/tiny-stream/2")
+    result, printed = _run(other, start_from="models:/tiny-stream/2")
+    assert "from models:/tiny-stream/2: " + first.stages[1].model_uri in printed
     v2 = Path(first.stages[1].model_uri)
     start = result.stages[0].start
     assert start["weights_digest"] == weights_digest(load_file(str(v2 / "model.safetensors")))
@@ -97,3 +98,15 @@ def test_a_stream_whose_earlier_task_changed_is_refused(three):
     changed.write_text(yaml.safe_dump(spec))
     with pytest.raises(ValueError, match=r"task 'second': its training data changed since stage 2 was trained"):
         _run(changed)
+
+
+def test_method_override_validates_the_streams_method_args(tmp_path):
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+
+    path = make_stream(tmp_path, **STREAM)  # gorp's method_args: full_rank_lr means nothing to lora
+    out = CliRunner().invoke(app, ["run", str(path), "--method", "lora"])
+    assert out.exit_code == 2, out.output
+    assert "method 'lora' got unknown hyperparameters ['full_rank_lr']" in out.output
+    assert not (tmp_path / "run").exists()  # refused before anything started or was written
