@@ -118,6 +118,23 @@ class _Miss:
     report: ValidationReport | None = None
 
 
+def _cache_key(task: Task, digest: str, tokenizer: dict, seq2seq: bool, max_record_bytes: int) -> dict[str, Any]:
+    """Everything the tokenized rows depend on: the file's bytes, the tokenizer, the template and the limits."""
+    return {
+        "digest": digest,
+        "tokenizer": tokenizer,
+        "template": TEMPLATE_VERSION,
+        "cache": CACHE_VERSION,
+        "seq2seq": seq2seq,
+        "columns": task.columns.model_dump(),
+        "labels": task.labels,
+        "max_source_tokens": task.max_source_tokens,
+        "max_target_tokens": task.max_target_tokens,
+        "on_bad_record": task.on_bad_record,
+        "max_record_bytes": max_record_bytes,
+    }
+
+
 def prepare_splits(
     requests: Sequence[tuple[Task, str]],
     *,
@@ -149,19 +166,7 @@ def prepare_splits(
         if not storage.exists(source):
             raise DataError(f"{source}: file not found (task {task.name!r}, {split} split)")
         digest = file_digest(source)
-        key = {
-            "digest": digest,
-            "tokenizer": identity,
-            "template": TEMPLATE_VERSION,
-            "cache": CACHE_VERSION,
-            "seq2seq": seq2seq,
-            "columns": task.columns.model_dump(),
-            "labels": task.labels,
-            "max_source_tokens": task.max_source_tokens,
-            "max_target_tokens": task.max_target_tokens,
-            "on_bad_record": task.on_bad_record,
-            "max_record_bytes": max_record_bytes,
-        }
+        key = _cache_key(task, digest, identity, seq2seq, max_record_bytes)
         digest_key = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
         entry = Path(cache_dir) / f"{task.name}.{split}.{digest_key}"
         entries.append(entry)

@@ -179,43 +179,62 @@ def _save_stage(merged, tokenizer, method, out_uri: str, work_dir: Path) -> None
 
 
 # --------------------------------------------------------------------------- the stage
+def _node_ids(world: int) -> list[str]:
+    """The Ray node of each rank (a collective)."""
+    import ray
+
+    nodes = [ray.get_runtime_context().get_node_id()]
+    if world > 1:
+        gathered: list = [None] * world
+        dist.all_gather_object(gathered, nodes[0])
+        nodes = gathered
+    return nodes
+
+
+def _merge(model, method, optimizer, fsdp: bool, arch: dict[str, Any], batches):
+    """Fold the task into the method's memory, gather the weights and merge the adapters: a plain model (no copy of
+    the weights, no read from disk)."""
+    from gorp.fsdp import full_state_dict
+    from gorp.models import model_from_state_dict
+
+    method.end_task(model, optimizer, batches=batches)
+    sd = full_state_dict(model) if fsdp else model.state_dict()
+    plain = method.finalize_state_dict({k: v.detach() for k, v in sd.items()})  # no copy: the model is dropped next
+    return model_from_state_dict(state_dict=plain, **arch)
+
+
 def run_stage(
     common: dict[str, Any], st: dict[str, Any], resume: Path | None, carried: Carried | None = None
 ) -> tuple[StageResult, Carried]:
     """Train, merge, save and evaluate one stage on this worker; ``resume``: a checkpoint folder of this stage;
     ``carried``: the previous stage's model, when this worker ran it. Returns the stage's result and its carry."""
-    import ray
     import ray.train
 
-    from gorp.fsdp import full_state_dict, shard_model
-    from gorp.models import model_from_state_dict
+    from gorp.fsdp import shard_model
 
     rank, world = rank_and_world()
     config = {**common, **st}
-    stage, tcfg, hooks = int(st["stage"]), common["training"], common.get("hooks")
+    stage, tcfg, hooks, evals = int(st["stage"]), common["training"], common.get("hooks"), common["eval_sets"]
+    eval_bs, batch_size, pad = int(common.get("eval_batch_size", 16)), int(tcfg["batch_size"]), int(st["pad_token_id"])
+    if batch_size % world:
+        raise ValueError(f"batch_size {batch_size} must be divisible by the number of workers ({world})")
     work_dir = Path(tempfile.mkdtemp(prefix=f"gorp-stage{stage}-rank{rank}-"))
-    fsdp = world > 1 and common.get("fsdp", True)
     timings: dict[str, float] = {}
     t_setup = time.perf_counter()
     model, tokenizer, method = _build(config, carried)
     del carried
     if hooks is not None:
         model, method = hooks.after_build(stage, model, method)
-    start_digest = weights_digest(model.state_dict()) if rank == 0 else ""
-    start_memory = method.state_tensors()
+    start = {
+        "weights_digest": weights_digest(model.state_dict()) if rank == 0 else "",
+        "memory": {k: list(v.shape) for k, v in method.state_tensors().items()},
+    }
     # the plain model, before adapters and sharding: what the merged weights are loaded into at the end
     arch = {"cls": type(model), "config": model.config, "dtype": next(model.parameters()).dtype}
-    eval_bs = int(common.get("eval_batch_size", 16))
-    zero_shot = {}
-    if st.get("zero_shot_tasks"):
-        t0 = time.perf_counter()
-        zero_shot = _evaluate(model, tokenizer, common["eval_sets"], st["zero_shot_tasks"], eval_bs)
-        timings["zero_shot_s"] = time.perf_counter() - t0
-
+    t0 = time.perf_counter()
+    zero_shot = _evaluate(model, tokenizer, evals, st.get("zero_shot_tasks") or [], eval_bs)
+    timings["zero_shot_s"] = time.perf_counter() - t0
     dataset = ray.train.get_dataset_shard(st["dataset"])
-    batch_size, pad = int(tcfg["batch_size"]), int(st["pad_token_id"])
-    if batch_size % world:
-        raise ValueError(f"batch_size {batch_size} must be divisible by the number of workers ({world})")
 
     def first_batches():  # for methods that look at the task before training (slice)
         for b in global_batches(dataset, batch_size, 8, pad):
@@ -223,30 +242,21 @@ def run_stage(
 
     torch.manual_seed(int(common["seed"]) + stage)  # the same initialization on every rank
     model = method.setup_task(model, stage, batches=first_batches)
+    fsdp = world > 1 and common.get("fsdp", True)
     if fsdp:
         shard_model(model)
     optimizer = method.make_optimizer(model)
-    start = load_checkpoint(resume, model, optimizer) if resume is not None else 0
-    timings["setup_s"] = time.perf_counter() - t_setup - timings.get("zero_shot_s", 0.0)
-    losses, tokens, timings["train_s"] = _train(model, method, optimizer, dataset, config, start, work_dir)
-
-    t_final = time.perf_counter()
-    method.end_task(model, optimizer, batches=first_batches)
-    sd = full_state_dict(model) if fsdp else model.state_dict()
-    plain = method.finalize_state_dict({k: v.detach() for k, v in sd.items()})  # no copy: the model is dropped next
-    del model, optimizer, sd
-    merged = model_from_state_dict(state_dict=plain, **arch)  # no copy of the weights, no read from disk
+    resumed_from = load_checkpoint(resume, model, optimizer) if resume is not None else 0
+    timings["setup_s"] = time.perf_counter() - t_setup - timings["zero_shot_s"]
+    losses, tokens, timings["train_s"] = _train(model, method, optimizer, dataset, config, resumed_from, work_dir)
+    t0 = time.perf_counter()
+    merged = _merge(model, method, optimizer, fsdp, arch, first_batches)
+    del model, optimizer
     if rank == 0:
         _save_stage(merged, tokenizer, method, st["out_uri"], work_dir)
-    timings["finalize_s"] = time.perf_counter() - t_final
-    t_eval = time.perf_counter()
-    row = _evaluate(merged, tokenizer, common["eval_sets"], st["eval_tasks"], eval_bs)
-    timings["eval_s"] = time.perf_counter() - t_eval
-    nodes = [ray.get_runtime_context().get_node_id()]
-    if world > 1:
-        gathered: list = [None] * world
-        dist.all_gather_object(gathered, nodes[0])
-        nodes = gathered
+    timings["finalize_s"], t0 = time.perf_counter() - t0, time.perf_counter()
+    row = _evaluate(merged, tokenizer, evals, st["eval_tasks"], eval_bs)
+    timings["eval_s"] = time.perf_counter() - t0
     result = StageResult(
         stage=stage,
         task=st["task"],
@@ -256,21 +266,29 @@ def run_stage(
         zero_shot=zero_shot,
         losses=losses,
         steps=int(st["steps"]),
-        resumed_from=start,
+        resumed_from=resumed_from,
         timings=timings,
         tokens_per_s=tokens / timings["train_s"] if timings["train_s"] else 0.0,
         world_size=world,
-        nodes=nodes,
+        nodes=_node_ids(world),
         data_digests=st["data_digests"],
-        start={"weights_digest": start_digest, "memory": {k: list(v.shape) for k, v in start_memory.items()}},
+        start=start,
     )
     shutil.rmtree(work_dir, ignore_errors=True)
-    if rank == 0:  # written last: its presence marks the stage complete
-        storage.write_text(storage.join(st["out_uri"], STAGE_FILE), result.to_json())
-        if common.get("channel") is not None:
-            common["channel"].put(("stage", stage, result.to_json()))
-    ray.train.report({"kind": "stage", "stage": stage, "task": st["task"], **timings})
+    _finish(result, common.get("channel"))
     return result, Carried(st["out_uri"], merged, tokenizer)
+
+
+def _finish(result: StageResult, channel) -> None:
+    """Rank 0 writes ``stage.json`` last (its presence marks the stage complete) and tells the driver; every rank
+    reports the end of the stage to Ray Train (a barrier)."""
+    import ray.train
+
+    if rank_and_world()[0] == 0:
+        storage.write_text(storage.join(result.model_uri, STAGE_FILE), result.to_json())
+        if channel is not None:
+            channel.put(("stage", result.stage, result.to_json()))
+    ray.train.report({"kind": "stage", "stage": result.stage, "task": result.task, **result.timings})
 
 
 def _latest_checkpoint() -> tuple[Path, int] | None:
