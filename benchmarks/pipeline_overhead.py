@@ -40,16 +40,11 @@ def plain_loop(stream, model_dir: Path, steps: int, cap: int) -> dict[str, float
     from gorp.loop import train_step
     from gorp.methods import build_method
     from gorp.models import load_model
-    from pipelines.data import (
-        BadRecord,
-        Encoder,
-        PadCollate,
-        cap_eval_set,
-        format_prompt,
-        load_eval_set,
-        scan_records,
-    )
+    from pipelines.data import cap_eval_set, load_eval_set
+    from pipelines.encoding import Encoder
     from pipelines.evaluate import evaluate_task
+    from pipelines.feeding import PadCollate
+    from pipelines.records import BadRecord, format_prompt, scan_records
 
     torch.set_num_threads(int(stream.scaling.cpus_per_worker))
     out = {"data_s": 0.0, "setup_s": 0.0, "train_s": 0.0, "finalize_s": 0.0, "eval_s": 0.0, "train_s_by_stage": []}
@@ -114,20 +109,19 @@ def plain_loop(stream, model_dir: Path, steps: int, cap: int) -> dict[str, float
 
 
 def pipeline_run(stream, console) -> dict[str, float]:
-    """``run_stream`` on a fresh run directory (empty cache); its wall time in parts."""
-    from pipelines.driver import run_stream
+    """``gorp run`` (``run_stream``) on a fresh run directory (empty cache); its wall time in parts."""
+    from pipelines.run import run_stream
 
     run_dir = Path(tempfile.mkdtemp(prefix="gorp-overhead-"))
-    run_stream(stream, run_dir=run_dir, restart=True, console=console)
-    timings = json.loads((run_dir / "timings.json").read_text())
-    stages = [json.loads(p.read_text()) for p in sorted(run_dir.glob("sequences/*/*/model/stage.json"))]
+    result = run_stream(stream, run_dir=run_dir, restart=True, console=console)
+    stages = [s.timings for s in result.stages]
     parts = {k: sum(s.get(k, 0.0) for s in stages) for k in ("setup_s", "train_s", "finalize_s", "eval_s")}
     parts["eval_s"] += sum(s.get("zero_shot_s", 0.0) for s in stages)
     return {
-        "ray_start_s": timings["ray_start_s"],
-        "data_s": timings["data_s"],
-        "bookkeeping_s": timings["bookkeeping_s"],  # timed_side adds the rest of run_stream's time
-        "worker_start_s": timings["fit_s"] - sum(parts.values()),  # start-up and teardown of the worker group
+        "ray_start_s": result.timings["ray_start_s"],
+        "data_s": result.timings["data_s"],
+        "bookkeeping_s": 0.0,  # timed_side adds the rest of run_stream's time (MLflow, plots, the driver)
+        "worker_start_s": result.timings["fit_s"] - sum(parts.values()),  # start-up and teardown of the worker group
         **parts,
         "train_s_by_stage": [s["train_s"] for s in stages],
     }
