@@ -9,7 +9,31 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-app = typer.Typer(help="gorp: continual fine-tuning of language models with GORP, on Ray.", no_args_is_help=True)
+# plain click help: switches read as switches (`--resume`, not `--resume <bool>`) and it fits 80 columns
+app = typer.Typer(
+    help="gorp: continual fine-tuning of language models with GORP, on Ray.",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        print(f"gorp {version('gorp')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="print the version and exit"
+    ),
+) -> None:
+    """gorp: continual fine-tuning of language models with GORP, on Ray."""
+
+
 console = Console()
 
 
