@@ -1,7 +1,8 @@
 """The whole ``gorp`` command: the pipeline's commands (validate, run, lineage, prepare-model, from
-``pipelines.cli``) and the ones that reach beyond one machine, registered here (submit; retrain and tune to come).
+``pipelines.cli``) and the ones that reach beyond one machine, registered here (submit, retrain; tune to come).
 
     gorp submit STREAM [--address http://HEAD:8265] [--follow] [--command run|retrain|tune] [-- ARGS...]
+    gorp retrain STREAM --inbox DIR [--run-dir DIR] [--storage URI] [--from latest|champion] (--once | --every 10m)
     python -m deploy.cli ...      # the same command without the console script (what a Ray Job runs)
 """
 
@@ -47,11 +48,41 @@ def _echo(text: str, end: str = "\n") -> None:
     sys.stdout.flush()
 
 
-# `gorp retrain` (the inbox watcher: each new task in a folder becomes the next stage of a sequence) registers here
-# once the sequence entry point (pipelines' run_sequence) lands, e.g.:
-#     from deploy.retrain import retrain
-#     app.command()(retrain)
-# `gorp tune` likewise, from tuning/ (deploy -> tuning -> pipelines, never the reverse).
+@app.command()
+def retrain(
+    stream: Path = typer.Argument(..., help="the stream YAML: model, method, training, scaling, mlflow, first tasks"),
+    inbox: Path = typer.Option(..., help="the folder new task files are dropped into (a local or shared path)"),
+    run_dir: Path = typer.Option(None, help="the stream's run directory, shared by every watcher (default: run_dir)"),
+    storage: str = typer.Option(None, help="where stage models go (a folder or a URI such as s3://bucket/runs)"),
+    once: bool = typer.Option(False, "--once", help="one pass over the inbox, then exit"),
+    every: str = typer.Option(None, help="a pass every INTERVAL (e.g. 10m, 1h), forever"),
+    start: str = typer.Option("latest", "--from", help="continue from the latest version, or champion"),
+) -> None:
+    """Train each new task in the inbox as the next stage of the stream's sequence; the gate decides `champion`.
+    Bad task files move to INBOX/rejected/ with the reason; trained ones to INBOX/done/ with the decision."""
+    from deploy.retrain import RetrainError, parse_interval, retrain_every, retrain_once
+    from pipelines.sequence import StageFailed
+    from pipelines.spec import SpecError
+
+    if once == (every is not None):
+        console.print("[red]error:[/red] pass exactly one of --once and --every INTERVAL", highlight=False)
+        raise typer.Exit(2)
+    kwargs = {"run_dir": run_dir, "storage": storage, "start": start, "console": console}
+    try:
+        if once:
+            decisions = retrain_once(stream, inbox, **kwargs)
+            console.print(f"retrain: {len(decisions)} task(s) trained", highlight=False)
+        else:
+            retrain_every(stream, inbox, parse_interval(every), **kwargs)
+    except (SpecError, RetrainError) as e:
+        console.print(f"[red]error:[/red] {e}", highlight=False)
+        raise typer.Exit(2) from None
+    except StageFailed as e:
+        console.print(f"[red]stage failed:[/red] {e}", highlight=False)
+        raise typer.Exit(1) from None
+
+
+# `gorp tune` registers here, from tuning/ (deploy -> tuning -> pipelines, never the reverse).
 
 
 def main() -> None:  # pragma: no cover - console script
