@@ -139,11 +139,12 @@ def lineage(
     run_dir: Path = typer.Option(Path("runs"), help="the stream's run directory (its mlflow.db)"),
     tracking_uri: str = typer.Option(None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else run-dir's)"),
     as_json: bool = typer.Option(False, "--json", help="print JSON for scripts"),
+    wide: bool = typer.Option(False, "--wide", help="add the method, data digest and source columns"),
 ) -> None:
     """The chain of model versions: task, parent, method, data digest, AA, BWT, aliases, and the accuracy matrix."""
     from pipelines.registry import lineage_command
 
-    raise typer.Exit(lineage_command(name, tracking_uri, as_json, console=console, run_dir=run_dir))
+    raise typer.Exit(lineage_command(name, tracking_uri, as_json, console=console, run_dir=run_dir, wide=wide))
 
 
 @app.command("prepare-model")

@@ -233,6 +233,8 @@ def lineage_report(model_name: str, tracking_uri: str) -> dict[str, Any]:
                 "fwt": metrics.get("fwt"),
                 "forgetting": metrics.get("forgetting"),
                 "promoted": t.get("promoted") == "true",
+                "gate": t.get("gate"),
+                "sequence": t.get("sequence"),
                 "source": v.source,
                 "run_id": v.run_id,
                 "aliases": sorted(a for a, n in aliases.items() if n == int(v.version)),
@@ -271,36 +273,76 @@ def _fmt(x: float | None, signed: bool = False) -> str:
     return f"{x:+.3f}" if signed else f"{x:.3f}"
 
 
-def render_lineage(report: dict[str, Any]):
-    """A rich renderable: the versions table and the accuracy matrix (rows: versions, columns: tasks)."""
+def render_lineage(report: dict[str, Any], *, wide: bool = False):
+    """A rich renderable that reads at 80 columns: per sequence, its versions (stage numbered as ``gorp run`` numbers
+    them, the gate's verdict) and its accuracy matrix; ``wide`` adds the method, data digest and source columns."""
     from rich.console import Group
     from rich.markup import escape
     from rich.table import Table
 
-    chain = Table(title=f"{report['model']}: model versions", title_justify="left")
-    for col in ("version", "stage", "task", "parent", "method", "AA", "BWT", "aliases", "data digest", "source"):
-        right = col in ("version", "stage", "parent", "AA", "BWT")
-        chain.add_column(col, justify="right" if right else "left", overflow="fold" if col == "source" else "ellipsis")
-    for v in report["versions"]:
-        chain.add_row(
-            str(v["version"]),
-            "-" if v["stage"] is None else str(v["stage"]),
-            escape(v["task"] or "-"),
-            "-" if v["parent_version"] is None else str(v["parent_version"]),
-            escape(v["method"] or "-"),
-            _fmt(v["aa"]),
-            _fmt(v["bwt"], signed=True),
-            ", ".join(f"@{a}" for a in v["aliases"]),
-            escape((v["data_digest"] or "-")[:12]),
-            escape(v["source"]),
+    aliases = ", ".join(f"@{a} v{n}" for a, n in sorted(report["aliases"].items()))
+    parts: list = [f"[bold]{escape(report['model'])}[/]: {len(report['versions'])} version(s); {escape(aliases)}"]
+    rows = dict(zip((v["version"] for v in report["versions"]), report["matrix"], strict=True))
+    for sequence, versions in _by_sequence(report["versions"]).items():
+        n = len(versions)
+        chain = Table(
+            title=f"sequence {escape((sequence or '-')[:12])}", title_justify="left", box=None, pad_edge=False
         )
-    matrix = Table(title=escape("accuracy matrix R[version, task]"), title_justify="left")
-    matrix.add_column("version")
-    for t in report["tasks"]:
-        matrix.add_column(escape(t), justify="right")
-    for v, row in zip(report["versions"], report["matrix"], strict=True):
-        matrix.add_row(escape(f"v{v['version']} ({v['task']})"), *(_fmt(x) for x in row))
-    return Group(chain, matrix)
+        columns = ["ver", "stage", "task", "parent", "AA", "BWT", "aliases", "gate"]
+        columns += ["method", "data digest", "source"] if wide else []
+        for col in columns:
+            right = col in ("ver", "stage", "parent", "AA", "BWT")
+            fold = wide and col == "source"
+            chain.add_column(
+                col,
+                justify="right" if right else "left",
+                overflow="fold" if fold else "ellipsis",
+                no_wrap=not fold,
+                max_width=None if wide or col != "gate" else 22,
+            )
+        for v in versions:
+            stage = "-" if v["stage"] is None else f"{v['stage'] + 1}/{n}"
+            cells = [
+                f"v{v['version']}",
+                stage,
+                escape(v["task"] or "-"),
+                "-" if v["parent_version"] is None else f"v{v['parent_version']}",
+                _fmt(v["aa"]),
+                _fmt(v["bwt"], signed=True),
+                " ".join(f"@{a}" for a in v["aliases"]),
+                escape(v.get("gate") or "-"),
+            ]
+            if wide:
+                cells += [escape(v["method"] or "-"), escape((v["data_digest"] or "-")[:12]), escape(v["source"])]
+            chain.add_row(*cells)
+        parts += ["", chain, _matrix(versions, report["tasks"], rows)]
+    return Group(*parts)
+
+
+def _by_sequence(versions: list[dict[str, Any]]) -> dict[str | None, list[dict[str, Any]]]:
+    """Versions grouped by the sequence that made them, sequences in the order of their first version."""
+    out: dict[str | None, list[dict[str, Any]]] = {}
+    for v in sorted(versions, key=lambda v: v["version"]):
+        out.setdefault(v.get("sequence"), []).append(v)
+    return {
+        k: sorted(vs, key=lambda v: (v["stage"] if v["stage"] is not None else -1, v["version"]))
+        for k, vs in out.items()
+    }
+
+
+def _matrix(versions: list[dict[str, Any]], tasks: list[str], rows: dict[int, list]):
+    """R[version, task] for the tasks these versions scored, task names cut to fit."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    used = [i for i, _ in enumerate(tasks) if any(rows[v["version"]][i] is not None for v in versions)]
+    matrix = Table(title=escape("accuracy R[version, task]"), title_justify="left", box=None)
+    matrix.add_column("")
+    for i in used:
+        matrix.add_column(escape(tasks[i][:9]), justify="right", no_wrap=True)
+    for v in versions:
+        matrix.add_row(f"v{v['version']}", *(_fmt(rows[v["version"]][i]) for i in used))
+    return matrix
 
 
 def tracking_uri_for(run_dir: str | Path, configured: str | None = None) -> str:
@@ -321,7 +363,12 @@ def store_exists(tracking_uri: str) -> bool:
 
 
 def lineage_command(
-    name: str, tracking_uri: str | None = None, as_json: bool = False, console=None, run_dir: str | Path = "runs"
+    name: str,
+    tracking_uri: str | None = None,
+    as_json: bool = False,
+    console=None,
+    run_dir: str | Path = "runs",
+    wide: bool = False,
 ) -> int:
     """``gorp lineage NAME [--json] [--run-dir DIR | --tracking-uri URI]``: print the report; returns the exit code."""
     from rich.console import Console
@@ -341,7 +388,7 @@ def lineage_command(
     if as_json:
         print(json.dumps(report, indent=2))
     else:
-        (console or Console()).print(render_lineage(report))
+        (console or Console()).print(render_lineage(report, wide=wide))
     return 0
 
 

@@ -171,9 +171,12 @@ def test_report_agrees_with_client_and_json_is_stable(seq, uri, folders, capsys)
     first = capsys.readouterr().out
     assert lineage_command("wn", uri, as_json=True) == 0
     assert capsys.readouterr().out == first and json.loads(first) == report
-    assert lineage_command("wn", uri, console=Console(width=200)) == 0
+    assert lineage_command("wn", uri, console=Console(width=80)) == 0
     table = capsys.readouterr().out
-    assert "@champion" in table and "R[version, task]" in table and str(folders[2].resolve()) in table
+    assert "@champion" in table and "R[version, task]" in table and " 2/3  verbs " in table  # stages as gorp run
+    assert max(len(line) for line in table.splitlines()) <= 80 and "…" not in table.split("gate")[0]
+    assert lineage_command("wn", uri, console=Console(width=400), wide=True) == 0
+    assert str(folders[2].resolve()) in capsys.readouterr().out
     assert render_lineage(report) is not None
     assert lineage_command("nope", uri) == 2
     assert "no registered model 'nope'" in capsys.readouterr().err
