@@ -30,8 +30,7 @@ def train_step(
     """
     device_type = batch["input_ids"].device.type
     with (precision or Precision()).autocast(device_type):
-        out = model(**batch)
-        loss = out.loss
+        loss = model(**batch).loss  # the logits (batch x seq x vocab) are not kept through the backward
         extra = method.extra_loss(model)
         total = loss if extra is None else loss + extra
     total.backward()
