@@ -249,7 +249,14 @@ def _task_name(task_file: Path) -> str | None:
 
 
 def _named_files(task_file: Path) -> list[str]:
-    """The data file names a (possibly broken) task file mentions, to move beside it into rejected/."""
+    """The data files a rejected task file names in the inbox, to move beside it into rejected/ (those another
+    waiting task also names stay)."""
+    others = [p for p in [*task_file.parent.glob("*.y*ml"), *task_file.parent.glob("claimed/*.y*ml")] if p != task_file]
+    shared = {n for p in others for n in _mentioned(p)}
+    return [n for n in _mentioned(task_file) if n not in shared]
+
+
+def _mentioned(task_file: Path) -> list[str]:
     try:
         data = yaml.safe_load(task_file.read_text(encoding="utf-8"))
     except Exception:  # noqa: BLE001 - unreadable: nothing named
