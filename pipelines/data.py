@@ -332,18 +332,21 @@ class PreparedTask:
         return self.split.num_rows
 
 
-def load_eval_set(task: Task, quarantine_dir: str | Path) -> dict[str, Any]:
-    """The test split as formatted prompts and answers; bad records per on_bad_record (quarantined when skipped).
-    Prompts are to be cut to the task's ``max_source_tokens``, as training cuts them."""
+def load_eval_set(task: Task, quarantine_dir: str | Path, split: str = "test") -> dict[str, Any]:
+    """The ``split`` ("test" or "validation") as formatted prompts and answers; bad records per on_bad_record
+    (quarantined when skipped). Prompts are to be cut to the task's ``max_source_tokens``, as training cuts them."""
+    source = getattr(task, split) if split in ("test", "validation") else None
+    if source is None:
+        raise ValueError(f"task {task.name!r} has no {split!r} split to evaluate on")
     columns = task.columns.model_dump()
     validate_file(
-        task.test,
+        source,
         columns,
         task.labels,
         on_bad_record=task.on_bad_record,
-        quarantine=Path(quarantine_dir) / f"{task.name}.test.jsonl",
+        quarantine=Path(quarantine_dir) / f"{task.name}.{split}.jsonl",
     )
-    recs = [r for r in scan_records(task.test, columns, task.labels) if not isinstance(r, BadRecord)]
+    recs = [r for r in scan_records(source, columns, task.labels) if not isinstance(r, BadRecord)]
     return {
         "prompts": [format_prompt(r["instruction"], r["input"], task.labels) for r in recs],
         "answers": [r["output"] for r in recs],
@@ -359,11 +362,18 @@ def cap_eval_set(eval_set: dict[str, Any], cap: int | None) -> dict[str, Any]:
 
 
 def prepare_stream(
-    stream, model_dir: str | Path, run_dir: str | Path, *, cache_dir: str | Path | None = None, num_actors: int = 1
+    stream,
+    model_dir: str | Path,
+    run_dir: str | Path,
+    *,
+    cache_dir: str | Path | None = None,
+    num_actors: int = 1,
+    eval_split: str = "test",
 ) -> list[PreparedTask]:
     """Every task of a stream, in order: train tokenized with the model's tokenizer (cached under
-    ``cache_dir``, default ``run_dir/cache``; the misses of all tasks in one Ray Data job), test as an eval set;
-    skipped records under ``run_dir/quarantine``."""
+    ``cache_dir``, default ``run_dir/cache``; the misses of all tasks in one Ray Data job), ``eval_split`` ("test";
+    "validation" for a hyperparameter search, which must never see test) as the eval set; skipped records under
+    ``run_dir/quarantine``."""
     config = json.loads((Path(model_dir) / "config.json").read_text())
     quarantine = Path(run_dir) / "quarantine"
     splits = prepare_splits(
@@ -378,5 +388,5 @@ def prepare_stream(
     out = []
     for task, split in zip(stream.tasks, splits, strict=True):
         digests = {s: split.digest if s == "train" else file_digest(p) for s, p in task.sources().items()}
-        out.append(PreparedTask(task.name, split, load_eval_set(task, quarantine), digests))
+        out.append(PreparedTask(task.name, split, load_eval_set(task, quarantine, eval_split), digests))
     return out

@@ -267,6 +267,7 @@ def prepare(
     storage_root: str | None = None,
     run_dir: str | Path | None = None,
     cache_dir: str | Path | None = None,
+    eval_split: str = "test",
 ) -> tuple[SequencePlan, str]:
     """Resolve the model, start Ray, prepare the data (bad input fails here); returns the plan and the base model's
     location (the first stage's starting point)."""
@@ -282,7 +283,7 @@ def prepare(
     model_dir = resolve_model(stream.model)
     timings["ray_start_s"] = init_ray()
     t0 = time.perf_counter()
-    prepared = prepare_stream(stream, model_dir, run_dir, cache_dir=cache_dir)
+    prepared = prepare_stream(stream, model_dir, run_dir, cache_dir=cache_dir, eval_split=eval_split)
     timings["data_s"] = time.perf_counter() - t0
     check_history(stream, history, [p.digests for p in prepared])
     for p in prepared:
@@ -318,13 +319,15 @@ def run_sequence(
     run_dir: str | Path | None = None,
     cache_dir: str | Path | None = None,
     hooks: Any = None,
+    eval_split: str = "test",
 ) -> SequenceResult:
     """Train the stream's stages after ``history``; returns every stage's result (history included).
 
     ``storage``: where stage models, method state and checkpoints go (default: the stream's ``run_dir``; a URI such
     as ``s3://bucket/prefix`` works from any node). ``run_dir``: the driver's local folder (tokenized cache,
     quarantine). ``hooks``: an object with ``after_build(stage, model, method)`` and ``after_step(stage, task, step,
-    loss)``, run inside the workers (tests inject faults with it). Raises :class:`StageFailed` when a stage fails; the
+    loss)``, run inside the workers (tests inject faults with it). ``eval_split``: what each stage is scored on, "test"
+    or "validation" (a search: :mod:`tuning`). Raises :class:`StageFailed` when a stage fails; the
     stages before it are complete and were handed to the callbacks.
     """
     from ray.util.queue import Queue
@@ -338,6 +341,7 @@ def run_sequence(
         storage_root=storage,
         run_dir=run_dir,
         cache_dir=cache_dir,
+        eval_split=eval_split,
     )
     _notify(callbacks, "on_start", plan)
     done = _read_back(plan, callbacks)
