@@ -108,17 +108,28 @@ def load_model(
     *,
     dtype: torch.dtype = torch.float32,
     trust_remote_code: bool = False,
+    allow_pickle_weights: bool = False,
 ):
-    """(model, tokenizer) from a local folder; a causal LM, or a seq2seq model when the config says encoder-decoder."""
+    """(model, tokenizer) from a local folder; a causal LM, or a seq2seq model when the config says encoder-decoder.
+
+    Weights are safetensors. A folder with only ``pytorch_model.bin`` (a pickle) is refused unless
+    ``allow_pickle_weights``; then it is read with ``torch.load(weights_only=True)`` (tensors only, no code)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"model folder {str(path)!r} does not exist (models load from local paths only)")
+    pickled = not any(path.glob("*.safetensors")) and any(path.glob("*.bin"))
+    if pickled and not allow_pickle_weights:
+        raise ValueError(
+            f"{path} holds pickled weights ({', '.join(sorted(p.name for p in path.glob('*.bin')))}), no safetensors: "
+            "convert them, or opt in with allow_pickle_weights=True (loaded with weights_only)"
+        )
     kw = {"local_files_only": True, "trust_remote_code": trust_remote_code}
     config = AutoConfig.from_pretrained(path, **kw)
     auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
-    model = auto.from_pretrained(path, dtype=dtype, **kw)
+    weights = {"use_safetensors": False, "weights_only": True} if pickled else {"use_safetensors": True}
+    model = auto.from_pretrained(path, dtype=dtype, **weights, **kw)
     tokenizer = AutoTokenizer.from_pretrained(path, **kw)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
