@@ -27,6 +27,8 @@ from urllib.parse import unquote, urlparse
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
+from pipelines import integrity
+
 CHAMPION = "champion"
 DEFAULT_MAX_FORGETTING = 0.05  # mean accuracy a new champion may lose on the tasks the old one knows
 LATEST = "latest"  # implicit in MLflow 3.17: the highest version
@@ -159,6 +161,7 @@ def register_version(
     }
     for key in ("method", "data_digest", "config_hash"):
         all_tags.setdefault(key, run.data.tags.get(f"gorp.{key}", ""))
+    all_tags.setdefault(integrity.TAG, json.dumps(integrity.weight_digests(source), sort_keys=True))
     all_tags.setdefault("tasks", ",".join(learned_tasks(client, run)))
     mv = client.create_model_version(name, source=source, run_id=run.info.run_id, tags=all_tags)
     if verdict == "pass":
@@ -442,12 +445,20 @@ MLFLOW_SCHEMES = ("runs", "models", "mlflow-artifacts", "dbfs")  # sources only 
 def load_version(uri: str, tracking_uri: str, dst_path: str | Path | None = None) -> Path:
     """The local folder of a registered version, for ``gorp.models.load_model``. A source in object storage
     (``s3://``, ``gs://``, ...) is downloaded once into ``dst_path`` (default: ``$GORP_CACHE/remote``); an MLflow
-    artifact URI through MLflow."""
+    artifact URI through MLflow. The weight files' sha256 recorded at registration (tag ``weights_sha256``) are
+    checked: a mismatch raises :class:`pipelines.integrity.IntegrityError` naming the version and the file."""
+    mv = resolve_version(uri, tracking_uri)
+    folder = _version_folder(uri, mv, tracking_uri, dst_path)
+    if integrity.TAG in mv.tags:  # versions registered before digests were recorded have none
+        integrity.check_weights(folder, json.loads(mv.tags[integrity.TAG]), f"{uri} (version {mv.version})")
+    return folder
+
+
+def _version_folder(uri: str, mv, tracking_uri: str, dst_path: str | Path | None) -> Path:
     import mlflow.artifacts
 
     from pipelines import storage
 
-    mv = resolve_version(uri, tracking_uri)
     path = local_path(mv.source)
     if path is not None:
         if not path.is_dir():
