@@ -52,14 +52,18 @@ def validate(stream: Path = typer.Argument(..., help="the stream YAML")) -> None
     """Check a stream without training: files, records, columns, labels, token lengths; print the plan."""
     from pipelines.demo_model import DEMO_MODELS, demo_model_dir, resolve_model
     from pipelines.encoding import load_tokenizer
+    from pipelines.preflight import PreflightError, check_batches, check_remote_code, check_tracking
     from pipelines.records import DataError
+    from pipelines.registry import tracking_uri_for
     from pipelines.spec import check_stream
 
     spec = _load(stream)
     try:
         folder = demo_model_dir(spec.model) if spec.model in DEMO_MODELS else resolve_model(spec.model)
-    except FileNotFoundError as e:
-        console.print(f"[red]error:[/red] {e}")
+        check_remote_code(folder, spec.trust_remote_code)
+        check_tracking(tracking_uri_for(Path(spec.run_dir).resolve(), spec.mlflow.tracking_uri))
+    except (FileNotFoundError, PreflightError) as e:
+        console.print(f"[red]error:[/red] {e}", soft_wrap=True)
         raise typer.Exit(2) from None
     tokenizer = None  # token lengths need the tokenizer: used when the model folder is already there
     if (folder / "tokenizer_config.json").exists():
@@ -68,11 +72,38 @@ def validate(stream: Path = typer.Argument(..., help="the stream YAML")) -> None
         console.print(f"[yellow]note:[/yellow] {folder} is not prepared yet: token lengths are not estimated")
     try:
         plan = check_stream(spec, tokenizer)
+        check_batches(spec, {tp.name: tp.counts.get("train", 0) for tp in plan.tasks})
     except (DataError, FileNotFoundError, ValueError) as e:
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from None
     console.print(plan)
     console.print("[green]ok[/green]")
+
+
+def _failed(error: BaseException, log: Path | None, code: int, advice: str = "") -> typer.Exit:
+    """One message on the terminal (where the details are), the traceback in the log file."""
+    from pipelines.logs import log_exception
+
+    log_exception(log, error)
+    console.print(f"[red]error:[/red] {error}{advice}" + (f"\n(details: {log})" if log is not None else ""))
+    return typer.Exit(code)
+
+
+# failures that a rerun meets again: what to change instead of `--resume`
+_RECURRING = (
+    ("ModuleNotFoundError", "a module is missing: install it, or put the model's code in its folder"),
+    ("fewer rows than one global batch", "lower training.batch_size or add training data"),
+    ("must be divisible by the number of workers", "make training.batch_size a multiple of scaling.num_workers"),
+    ("loss is not finite", "lower training.lr or check the task's data, then `gorp run --resume`"),
+)
+
+
+def _next_step(error: BaseException) -> str:
+    text = str(error)
+    return next(
+        (advice for needle, advice in _RECURRING if needle in text),
+        "`gorp run --resume` continues from the failed stage",
+    )
 
 
 @app.command()
@@ -96,36 +127,44 @@ def run(
     storage: str = typer.Option(
         None, help="where stage models and checkpoints go (default: the run directory): a folder or s3://, gs://..."
     ),
+    verbose: bool = typer.Option(False, "--verbose", help="Ray's, MLflow's and transformers' logs on the terminal too"),
 ) -> None:
     """Train the stream's tasks in order, evaluating after every stage on every task seen so far."""
+    from pipelines.logs import run_log
     from pipelines.records import DataError
     from pipelines.report import render_table
-    from pipelines.run import SequenceExists, run_stream
+    from pipelines.run import RunInterrupted, SequenceExists, SequenceRunning, run_stream
     from pipelines.sequence import StageFailed
 
     spec = _load(stream)
     t = time.perf_counter()
-    try:
-        result = run_stream(
-            spec,
-            method=method,
-            run_dir=run_dir,
-            resume=resume,
-            restart=restart,
-            start_from=start_from,
-            storage=storage,
-            console=console,
-        )
-    except (DataError, ValueError, LookupError, FileNotFoundError) as e:
-        console.print(f"[red]error:[/red] {e}")
-        raise typer.Exit(2) from None
-    except StageFailed as e:
-        console.print(f"[red]error:[/red] {e}`gorp run --resume` continues from the failed stage")
-        raise typer.Exit(1) from None
-    except SequenceExists as e:
-        console.print(f"[red]error:[/red] {e}")
-        raise typer.Exit(1) from None
     out = Path(run_dir or spec.run_dir)
+    with run_log(out, verbose=verbose) as log:
+        if log is not None:
+            console.print(f"[dim]log: {log}[/dim]")
+        try:
+            result = run_stream(
+                spec,
+                method=method,
+                run_dir=run_dir,
+                resume=resume,
+                restart=restart,
+                start_from=start_from,
+                storage=storage,
+                console=console,
+            )
+        except StageFailed as e:
+            raise _failed(e, log, 1, _next_step(e)) from None
+        except (SequenceExists, SequenceRunning) as e:
+            raise _failed(e, log, 1) from None
+        except RunInterrupted as e:
+            console.print(f"[yellow]{e}[/yellow] ({stream})", soft_wrap=True)
+            raise typer.Exit(130) from None
+        except KeyboardInterrupt:
+            console.print("[yellow]interrupted before any stage started: nothing was recorded[/yellow]")
+            raise typer.Exit(130) from None
+        except (DataError, ValueError, LookupError, FileNotFoundError) as e:
+            raise _failed(e, log, 2) from None
     console.print(render_table(result.tasks, result.matrix, result.zero_shot, result.summary))
     console.print(
         f"{result.stages[-1].method if result.stages else spec.method}: wall time "
