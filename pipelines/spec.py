@@ -120,6 +120,10 @@ class Training(_Strict):
     checkpoint_every: int = Field(0, ge=0)  # optimizer steps between checkpoints; 0: only at the end of a stage
     max_failures: int = Field(0, ge=0)  # worker-group restarts from the last checkpoint (Ray FailureConfig)
     seed: int = 0
+    # bf16: matmuls in bfloat16 over float32 master weights (FSDP2 MixedPrecisionPolicy with float32 gradient
+    # reduction; autocast on one worker); projections, task memory and Adam's moments stay float32 (gorp.precision)
+    precision: Literal["fp32", "bf16"] = "fp32"
+    activation_checkpointing: bool = False  # recompute each decoder block in the backward: less memory, ~1/3 more time
 
 
 class Scaling(_Strict):

@@ -136,8 +136,10 @@ def _train(model, method, optimizer, dataset, config: dict[str, Any], start: int
     from ray.train import Checkpoint
 
     from gorp.loop import train_step
+    from gorp.precision import get_precision
 
     rank, world = rank_and_world()
+    precision = get_precision(config["training"].get("precision"))  # autocast on one worker; a no-op under FSDP2
     tcfg, stage, task = config["training"], int(config["stage"]), config["task"]
     steps, batch_size, pad = int(config["steps"]), int(tcfg["batch_size"]), int(config["pad_token_id"])
     every = int(tcfg.get("checkpoint_every") or 0)
@@ -147,7 +149,8 @@ def _train(model, method, optimizer, dataset, config: dict[str, Any], start: int
     for step, batch in enumerate(global_batches(dataset, batch_size, steps, pad)):
         if step < start:
             continue  # the same deterministic order: skip what the checkpoint already covers
-        loss = all_mean(train_step(model, method, optimizer, _local_slice(batch, rank, world), tcfg.get("grad_clip")))
+        local = _local_slice(batch, rank, world)
+        loss = all_mean(train_step(model, method, optimizer, local, tcfg.get("grad_clip"), precision))
         if hooks is not None:
             loss = hooks.after_step(stage, task, step, loss)
         if not math.isfinite(loss):
@@ -211,6 +214,8 @@ def run_stage(
     import ray.train
 
     from gorp.fsdp import shard_model
+    from gorp.models import enable_activation_checkpointing
+    from gorp.precision import get_precision
 
     rank, world = rank_and_world()
     config = {**common, **st}
@@ -242,9 +247,11 @@ def run_stage(
 
     torch.manual_seed(int(common["seed"]) + stage)  # the same initialization on every rank
     model = method.setup_task(model, stage, batches=first_batches)
+    if tcfg.get("activation_checkpointing"):
+        enable_activation_checkpointing(model)  # after the adapters, before sharding
     fsdp = world > 1 and common.get("fsdp", True)
     if fsdp:
-        shard_model(model)
+        shard_model(model, mp_policy=get_precision(tcfg.get("precision")).mp_policy())
     optimizer = method.make_optimizer(model)
     resumed_from = load_checkpoint(resume, model, optimizer) if resume is not None else 0
     timings["setup_s"] = time.perf_counter() - t_setup - timings["zero_shot_s"]
