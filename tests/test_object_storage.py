@@ -144,7 +144,9 @@ print(json.dumps({"folder": str(folder), "acc": row[task.name]}))
 
 
 def test_a_run_on_two_nodes_with_data_and_storage_in_s3(two_nodes, s3, tmp_path):
-    path = _to_bucket(make_stream(tmp_path, num_workers=2, fsdp=True), "data")
+    # FSDP2 over the two nodes, with activation checkpointing per block
+    stream_path = make_stream(tmp_path, num_workers=2, fsdp=True, training={"activation_checkpointing": True})
+    path = _to_bucket(stream_path, "data")
     stream = load_stream(path)
     assert stream.tasks[0].train.startswith("s3://")
     result = run_stream(stream, storage=f"s3://{BUCKET}/runs")

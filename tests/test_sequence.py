@@ -1,6 +1,7 @@
 """Continuing a sequence: a stream with a task appended trains exactly one new stage on top of the completed
 sequence; ``start_from`` starts a new sequence from a registered version's model and method state; a stream whose
-earlier tasks changed is refused. One worker, short stages (what is checked is which stages run and from what)."""
+earlier tasks changed is refused. One worker, in bf16 with activation checkpointing (the one-worker autocast path of
+``training.precision``); what is checked is which stages run and from what."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from pipelines.run import run_stream
 from pipelines.spec import load_stream
 from pipelines.worker import weights_digest
 
-STREAM = {"num_workers": 1, "fsdp": False}
+STREAM = {"num_workers": 1, "fsdp": False, "training": {"precision": "bf16", "activation_checkpointing": True}}
 
 
 @pytest.fixture(scope="module")
