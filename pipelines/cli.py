@@ -77,6 +77,13 @@ def validate(stream: Path = typer.Argument(..., help="the stream YAML")) -> None
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from None
     console.print(plan)
+    if (folder / "config.json").exists():
+        from pipelines.memory import memory_plan
+
+        report, warnings = memory_plan(spec, folder)
+        console.print(report, highlight=False)
+        for w in warnings:
+            console.print(f"[yellow]warning:[/yellow] {w}")
     console.print("[green]ok[/green]")
 
 
