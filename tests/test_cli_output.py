@@ -33,3 +33,19 @@ def test_the_terminal_holds_gorps_lines_and_the_log_holds_the_rest(tmp_path):
     assert not NOISE.search(printed), NOISE.search(printed)
     text = log.read_text()
     assert "Started a local Ray instance" in text and "WARNING" in text and "Creating initial MLflow" in text
+
+
+def test_validate_prints_the_memory_plan(tmp_path):
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+
+    path = make_stream(tmp_path, num_workers=2, fsdp=True, training={"precision": "bf16"})
+    out = CliRunner().invoke(app, ["validate", str(path)], env={"COLUMNS": "120"})
+    assert out.exit_code == 0, out.output
+    assert "memory per worker: gorp, bf16, batch 8 over 2 worker(s), sequences up to 70 tokens" in out.output
+    head = next(line for line in out.output.splitlines() if line.startswith("per worker"))
+    assert head.split() == ["per", "worker", "no", "FSDP", "FSDP", "x2"]
+    peak = next(line for line in out.output.splitlines() if line.startswith("estimated peak"))
+    assert len(peak.split()) == 6  # a figure and its unit for each column
+    assert "optimizer state by method (no FSDP): lora" in out.output
