@@ -1,8 +1,9 @@
 """The whole ``gorp`` command: the pipeline's commands (validate, run, lineage, prepare-model, from
-``pipelines.cli``) and the ones that reach beyond one machine, registered here (submit, retrain; tune to come).
+``pipelines.cli``) and the ones that reach beyond one machine, registered here (submit, retrain, tune).
 
     gorp submit STREAM [--address http://HEAD:8265] [--follow] [--command run|retrain|tune] [-- ARGS...]
     gorp retrain STREAM --inbox DIR [--run-dir DIR] [--storage URI] [--from latest|champion] (--once | --every 10m)
+    gorp tune STREAM SEARCH.yaml [--out DIR] [--resume]
     python -m deploy.cli ...      # the same command without the console script (what a Ray Job runs)
 """
 
@@ -51,7 +52,7 @@ def _echo(text: str, end: str = "\n") -> None:
 @app.command()
 def retrain(
     stream: Path = typer.Argument(..., help="the stream YAML: model, method, training, scaling, mlflow, first tasks"),
-    inbox: Path = typer.Option(..., help="the folder new task files are dropped into (a local or shared path)"),
+    inbox: str = typer.Option(..., help="the folder new task files are dropped into (a local or shared path)"),
     run_dir: Path = typer.Option(None, help="the stream's run directory, shared by every watcher (default: run_dir)"),
     storage: str = typer.Option(None, help="where stage models go (a folder or a URI such as s3://bucket/runs)"),
     once: bool = typer.Option(False, "--once", help="one pass over the inbox, then exit"),
@@ -83,6 +84,24 @@ def retrain(
 
 
 # `gorp tune` registers here, from tuning/ (deploy -> tuning -> pipelines, never the reverse).
+@app.command()
+def tune(
+    stream: Path = typer.Argument(..., help="the stream YAML whose sequence the search runs"),
+    search: Path = typer.Argument(..., help="the search YAML: space, objective, scheduler, samples, seed"),
+    out: Path = typer.Option(None, help="the search's folder (default: <run_dir>/tune/<search name>)"),
+    resume: bool = typer.Option(False, "--resume", help="continue a search whose driver died (Tuner.restore)"),
+) -> None:
+    """Search method_args (and methods) over whole sequences with Ray Tune, scored on validation; ASHA stops poor
+    trials at stage boundaries. Prints the trials, writes best.yaml, trials.csv and aa_per_stage.png."""
+    from pipelines.records import DataError
+    from pipelines.spec import SpecError
+    from tuning.run import tune_stream
+
+    try:
+        tune_stream(stream, search, out_dir=out, resume=resume, echo=lambda s: console.print(s, highlight=False))
+    except (SpecError, DataError) as e:
+        console.print(f"[red]error:[/red] {e}", highlight=False)
+        raise typer.Exit(2) from None
 
 
 def main() -> None:  # pragma: no cover - console script

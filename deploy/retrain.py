@@ -167,28 +167,31 @@ class Decisions(Callback):
         self.decision: dict[str, Any] = {}
 
     def on_stage_end(self, plan, result) -> None:
+        self.decide(plan.stream.name, result.task, result.stage)
+
+    def decide(self, name: str, task: str, stage: int) -> None:
+        """Log and tag the verdict on ``task``'s version (also for a stage registered before a watcher died)."""
         from pipelines.registry import client_for
 
         client = client_for(self.tracking_uri)
-        name = plan.stream.name
-        found = client.search_model_versions(f"name='{name}' and tags.task='{result.task}'")
+        found = client.search_model_versions(f"name='{name}' and tags.task='{task}'")
         mv = max(found, key=lambda v: int(v.version))
         promoted = mv.tags.get("promoted") == "true"
-        event = ("promoted" if promoted else "not-promoted") if result.task == self.task else "trained"
-        text = f"{event}: version {mv.version}, stage {result.stage + 1}, gate {mv.tags.get('gate', '')}"
+        event = ("promoted" if promoted else "not-promoted") if task == self.task else "trained"
+        text = f"{event}: version {mv.version}, stage {stage + 1}, gate {mv.tags.get('gate', '')}"
         client.set_model_version_tag(name, mv.version, DECISION_TAG, text)
         if mv.run_id:
             client.set_tag(mv.run_id, DECISION_TAG, text)
         fields = {
-            "task": result.task,
+            "task": task,
             "version": int(mv.version),
-            "stage": result.stage + 1,
+            "stage": stage + 1,
             "aa": mv.tags.get("aa"),
             "gate": mv.tags.get("gate", ""),
             "file": self.claim.yaml.name,
         }
         log_line(event, **fields)
-        if result.task == self.task:
+        if task == self.task:
             self.decision = {"decision": event, **fields}
 
     def on_failure(self, plan, stage: int, error) -> None:
@@ -286,7 +289,10 @@ def retrain_once(
     from pipelines.registry import quiet_mlflow_logs, tracking_uri_for
     from pipelines.run import run_stream
     from pipelines.spec import load_stream
+    from pipelines.storage import is_uri
 
+    if is_uri(str(inbox)):
+        raise RetrainError(f"--inbox {inbox}: the inbox must be a local or shared path (object-store inboxes: not yet)")
     quiet_mlflow_logs()
     base = load_stream(stream_file)
     box = Inbox(inbox)
@@ -316,7 +322,9 @@ def retrain_once(
                 callbacks=[listener],
                 hooks=hooks,
             )
-            decision = listener.decision or {"decision": "trained", "task": entry["name"]}
+            if not listener.decision:  # registered by a watcher that died before it moved the task to done/
+                listener.decide(stream.name, entry["name"], len(stream.tasks) - 1)
+            decision = listener.decision
             box.finish(claim, decision, data)
             decisions.append(decision)
 

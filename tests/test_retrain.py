@@ -22,8 +22,8 @@ import yaml
 from mlflow import MlflowClient
 from test_recovery import _checkpointed, _progress, _wait_for
 
-from deploy.inbox import Inbox
-from deploy.retrain import DECISION_TAG, parse_interval
+from deploy.inbox import Inbox, LockHeld, StreamLock
+from deploy.retrain import DECISION_TAG, parse_interval, retrain_once
 from pipeline_fixtures import make_stream, write_task
 from pipelines.registry import tracking_uri_for
 
@@ -71,6 +71,54 @@ def test_a_claim_is_won_once(tmp_path):
     assert first is not None and second is None
     assert first.yaml == inbox / "claimed" / task.name and first.holder["pid"] == os.getpid()
     assert [c.stem for c in b.claimed()] == [task.stem] and b.new_tasks() == []
+
+
+def test_stream_lock_is_exclusive_and_a_dead_owners_lock_is_taken_over(tmp_path):
+    a, b = StreamLock(tmp_path, "s"), StreamLock(tmp_path, "s")
+    a.try_acquire()
+    with pytest.raises(LockHeld) as held:
+        b.try_acquire()
+    assert held.value.holder["pid"] == os.getpid()
+    a.release()
+    b.try_acquire()
+    b.release()
+    dead = _dead_pid()
+    a.path.write_text(json.dumps({"host": socket.gethostname(), "pid": dead, "since": "then"}))
+    b.try_acquire()  # its owner is gone: taken over
+    assert json.loads(b.path.read_text())["pid"] == os.getpid()
+    b.release()
+    assert not b.path.exists()
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+def test_only_bad_tasks_are_rejected_and_nothing_is_recorded(tmp_path):
+    stream = make_stream(tmp_path, tasks=["first"], **TINY)
+    inbox = _inbox(tmp_path, [])
+    (inbox / "a.yaml").write_text("name: a\ntrain: a.train.jsonl\n  test: [unclosed\n")
+    (inbox / "b.yaml").write_text("- just\n- a list\n")
+    (inbox / "c.yaml").write_text("name: first\ntrain: c.train.jsonl\ntest: c.train.jsonl\n")
+    (inbox / "c.train.jsonl").write_text('{"instruction": "i", "input": "", "output": "o"}\n')
+    (inbox / "d.yaml").write_text("name: d\ntrain: nowhere.train.jsonl\ntest: nowhere.test.jsonl\n")
+    assert retrain_once(stream, inbox, run_dir=tmp_path / "run") == []
+    reasons = {p.name: p.read_text() for p in (inbox / "rejected").glob("*.reason.txt")}
+    assert set(reasons) == {"a.reason.txt", "b.reason.txt", "c.reason.txt", "d.reason.txt"}
+    assert "invalid YAML" in reasons["a.reason.txt"] or "cannot read the task" in reasons["a.reason.txt"]
+    assert "one task entry" in reasons["b.reason.txt"]
+    assert "'first' is already learned" in reasons["c.reason.txt"]
+    assert "train: file not found" in reasons["d.reason.txt"] and "nowhere.train.jsonl" in reasons["d.reason.txt"]
+    assert sorted(p.name for p in (inbox / "rejected").iterdir() if not p.name.endswith(".txt")) == [
+        "a.yaml",
+        "b.yaml",
+        "c.train.jsonl",
+        "c.yaml",
+        "d.yaml",
+    ]
+    assert not (tmp_path / "run").exists()  # no tracking store, no ledger: nothing was recorded
 
 
 @pytest.fixture
