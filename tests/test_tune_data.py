@@ -38,3 +38,36 @@ def test_eval_set_reads_the_split_asked_for(tmp_path):
 def test_eval_on_a_missing_validation_split_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="no 'validation' split"):
         load_eval_set(_task(tmp_path, validation=False), tmp_path / "q", "validation")
+
+
+def test_held_out_rows_are_seeded_disjoint_and_never_trained_on(tmp_path):
+    from tuning.holdout import held_out_indices, validation_stream
+
+    stream_yaml = tmp_path / "s.yaml"
+    rows = [{"instruction": f"q{i}", "input": "", "output": "a" if i % 2 else "b"} for i in range(20)]
+    _write(tmp_path / "t.train.jsonl", rows)
+    _write(tmp_path / "t.test.jsonl", rows[:3])
+    _write(tmp_path / "v.train.jsonl", rows)
+    _write(tmp_path / "v.validation.jsonl", rows[:2])
+    _write(tmp_path / "v.test.jsonl", rows[:3])
+    (tmp_path / "model").mkdir()
+    tasks = [
+        {"name": "t", "train": "t.train.jsonl", "test": "t.test.jsonl", "labels": ["a", "b"]},
+        {"name": "v", "train": "v.train.jsonl", "validation": "v.validation.jsonl", "test": "v.test.jsonl"},
+    ]
+    import yaml
+
+    from pipelines.spec import load_stream
+
+    stream_yaml.write_text(yaml.safe_dump({"name": "s", "model": "model", "method": "lora", "tasks": tasks}))
+    stream, notes = validation_stream(load_stream(stream_yaml), tmp_path / "out", 0.25, seed=3)
+    held = held_out_indices(20, 0.25, 3, "t")
+    assert len(held) == 5 and held == held_out_indices(20, 0.25, 3, "t") != held_out_indices(20, 0.25, 4, "t")
+    read = [json.loads(line) for line in open(stream.tasks[0].validation)]
+    train = [json.loads(line) for line in open(stream.tasks[0].train)]
+    assert [r["instruction"] for r in read] == [f"q{i}" for i in sorted(held)]
+    assert [r["instruction"] for r in train] == [f"q{i}" for i in range(20) if i not in held]
+    assert stream.tasks[0].test == str(tmp_path / "t.test.jsonl")  # test untouched (only `gorp run` scores it)
+    assert stream.tasks[1].train == str(tmp_path / "v.train.jsonl")  # a task with a validation split keeps its data
+    assert stream.tasks[1].validation == str(tmp_path / "v.validation.jsonl")
+    assert "5 of 20 training rows held out" in notes[0] and "validation split" in notes[1]

@@ -1,0 +1,75 @@
+"""The search in MLflow: one run for the search (its file, the held-out notes, the best trial, the outputs as
+artifacts); each trial a run nested under it (``mlflow.parentRunId``), written by Ray's ``MLflowLoggerCallback``:
+parameters, the per-stage metrics (step = stage), and here, at the end, ``gorp.stopped_at_stage``. No model versions:
+a search registers nothing; ``gorp run best.yaml`` does.
+
+The search's experiment is ``<the stream's experiment>-tune``, apart from the sequences that ``gorp lineage`` reads.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+PARENT_FILE = "search_run.json"
+
+
+def tracking_uri(stream) -> str:
+    from pipelines.registry import tracking_uri_for
+
+    return tracking_uri_for(stream.run_dir, stream.mlflow.tracking_uri)
+
+
+def experiment_name(stream) -> str:
+    return f"{stream.mlflow.experiment or stream.name}-tune"
+
+
+def _client(stream):
+    from mlflow.tracking import MlflowClient
+
+    Path(stream.run_dir).mkdir(parents=True, exist_ok=True)
+    return MlflowClient(tracking_uri(stream))
+
+
+def open_search(stream, search, out: Path, *, resume: bool) -> str:
+    """The search's run id: a new run, or on resume the one the search started with."""
+    marker = out / PARENT_FILE
+    client = _client(stream)
+    if resume and marker.is_file():
+        run_id = json.loads(marker.read_text())["run_id"]
+        client.update_run(run_id, status="RUNNING")
+        return run_id
+    exp = client.get_experiment_by_name(experiment_name(stream))
+    uri = tracking_uri(stream)  # artifacts beside a SQLite store, not in the working directory
+    where = (
+        (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri() if uri.startswith("sqlite:///") else None
+    )
+    exp_id = exp.experiment_id if exp else client.create_experiment(experiment_name(stream), artifact_location=where)
+    run = client.create_run(exp_id, run_name=f"search-{search.name}", tags={"gorp.search": search.name})
+    rid = run.info.run_id
+    client.log_param(rid, "scheduler", search.scheduler.kind)
+    client.log_param(rid, "num_samples", search.num_samples)
+    client.log_param(rid, "seed", search.seed)
+    client.log_param(rid, "space", json.dumps(search.model_dump(mode="json")["space"])[:6000])
+    client.log_param(rid, "methods", ",".join(search.methods or [stream.method]))
+    marker.write_text(json.dumps({"run_id": rid}))
+    return rid
+
+
+def close_search(stream, run_id: str, outcome) -> None:
+    """Where each trial stopped (tag on its nested run), the best trial, the outputs as artifacts; the run ends."""
+    client = _client(stream)
+    exp = client.get_experiment_by_name(experiment_name(stream))
+    nested = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{run_id}'", max_results=10000)
+    for t in outcome.trials:  # Ray names a trial's run <trainable>_<trial id>
+        for run in [r for r in nested if r.data.tags.get("trial_name", "").endswith(f"_{t['trial_id']}")]:
+            client.set_tag(run.info.run_id, "gorp.stopped_at_stage", str(t["stages"]) if t["stopped"] else "-")
+            client.set_tag(run.info.run_id, "gorp.stages_run", str(t["stages"]))
+    if outcome.best is not None:
+        client.log_metric(run_id, "best_objective", outcome.best["objective"])
+        client.set_tag(run_id, "gorp.best_trial", outcome.best["trial_id"])
+    client.log_metric(run_id, "stage_trainings", sum(t["stages"] for t in outcome.trials))
+    for name in ("trials.csv", "best.yaml", "aa_per_stage.png"):
+        if (outcome.out_dir / name).is_file():
+            client.log_artifact(run_id, str(outcome.out_dir / name))
+    client.set_terminated(run_id, "FINISHED")

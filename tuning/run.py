@@ -1,0 +1,166 @@
+"""``gorp tune STREAM SEARCH.yaml``: a Ray Tune search whose trials are whole continual sequences.
+
+    search = tune_stream("stream.yaml", "search.yaml")     # -> TuneOutcome: trials, best, files written
+    tune_stream("stream.yaml", "search.yaml", resume=True)  # after the driver died: Tuner.restore
+
+What it does, in order: validates both files (and that every method takes the space's keys); builds the search's
+stream (validation splits, or held-out slices of training: :mod:`tuning.holdout`); tokenizes every task once into the
+search's cache (trials then hit it); opens one MLflow run for the search; runs the trials with Ray Tune (ASHA on the
+stage index by default), each trial's runs nested under the search's (Ray's ``MLflowLoggerCallback`` with the parent
+tag; no model versions); then writes the table, ``best.yaml``, ``trials.csv`` and ``aa_per_stage.png``.
+
+Resources: a trial's own driver (the Tune function) holds a sliver of a CPU (``DRIVER_CPU``) and its TorchTrainer's
+workers take what the stream's ``scaling`` asks for; at most as many trials run at once as the cluster can hold worker
+groups (and the search's ``concurrency``). A trial that held a whole CPU for its driver could take the CPU its own
+workers wait for (Ray issue #54305).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipelines.spec import SpecError, load_stream
+from tuning.search import check_space, load_search
+from tuning.trial import run_trial
+
+DRIVER_CPU = 0.01  # what a trial's driver holds: it waits on its workers and Tune, it computes nothing
+EXPERIMENT = "search"  # the Tune experiment's folder under the search's output folder
+
+
+@dataclass
+class TuneOutcome:
+    out_dir: Path
+    trials: list[dict]  # one per trial: id, config, aa per stage, objective, stages, stopped, status
+    best: dict | None
+    notes: list[str] = field(default_factory=list)
+    parent_run_id: str | None = None
+
+
+def concurrent_trials(stream, cluster: dict[str, float], cap: int | None) -> int:
+    """How many trials' worker groups fit at once (each trial's driver takes only DRIVER_CPU)."""
+    sc = stream.scaling
+    fits = cluster.get("CPU", 1) // (sc.num_workers * sc.cpus_per_worker + DRIVER_CPU)
+    if sc.use_gpu:
+        fits = min(fits, cluster.get("GPU", 0) // sc.num_workers)
+    return max(1, min(int(fits), cap or math.inf))
+
+
+def tune_stream(stream_path, search_path, *, out_dir=None, resume: bool = False, echo=print) -> TuneOutcome:
+    from pipelines.data import prepare_stream
+    from pipelines.demo_model import resolve_model
+    from pipelines.sequence import init_ray
+    from tuning import lineage
+    from tuning.holdout import validation_stream
+    from tuning.report import write_outputs
+
+    stream, search = load_stream(stream_path), load_search(search_path)
+    check_space(search, stream)
+    out = Path(out_dir or Path(stream.run_dir) / "tune" / search.name).resolve()
+    exp_dir = out / EXPERIMENT
+    if resume and not exp_dir.is_dir():
+        raise SpecError(f"--resume: no search to resume in {out}")
+    if not resume and exp_dir.exists():
+        raise SpecError(f"{out} already holds a search: pass --resume to continue it, or --out elsewhere")
+    out.mkdir(parents=True, exist_ok=True)
+    # Tune saves the search's state every 10 s or more by default; a driver killed in between reruns the trials that
+    # finished meanwhile. Stage-long trials make a save a second cheap (a user's value wins).
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
+    init_ray()
+    val_stream, notes = validation_stream(stream, out, search.holdout_fraction, search.seed)
+    for note in notes:
+        echo(note)
+    # every task tokenized once, here; the trials find it in the shared cache
+    prepare_stream(val_stream, resolve_model(stream.model), out, cache_dir=out / "cache", eval_split="validation")
+    parent = lineage.open_search(stream, search, out, resume=resume)
+    tuner = _tuner(stream, val_stream, search, out, parent, resume)
+    results = tuner.fit()
+    outcome = TuneOutcome(out, _trials(results, len(stream.tasks)), None, notes, parent)
+    outcome.best = max(
+        (t for t in outcome.trials if t["stages"] == len(stream.tasks)), key=lambda t: t["objective"], default=None
+    )
+    write_outputs(outcome, stream, search, echo=echo)
+    lineage.close_search(stream, parent, outcome)
+    return outcome
+
+
+def _tuner(stream, val_stream, search, out: Path, parent_run_id: str, resume: bool):
+    import ray
+    from ray import tune
+    from ray.air.integrations.mlflow import MLflowLoggerCallback
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    from tuning.lineage import experiment_name, tracking_uri
+
+    trainable = tune.with_resources(
+        tune.with_parameters(
+            run_trial, stream_data=val_stream.model_dump(mode="json"), search_dir=str(out), objective=search.objective
+        ),
+        {"CPU": DRIVER_CPU},
+    )
+    if resume:
+        return tune.Tuner.restore(str(out / EXPERIMENT), trainable, resume_unfinished=True, resume_errored=True)
+    sc = search.scheduler
+    scheduler = (
+        ASHAScheduler(
+            time_attr="stage",
+            max_t=len(stream.tasks),
+            grace_period=sc.grace_period,
+            reduction_factor=sc.reduction_factor,
+        )
+        if sc.kind == "asha"
+        else FIFOScheduler()
+    )
+    mlflow_cb = MLflowLoggerCallback(
+        tracking_uri(stream),
+        experiment_name=experiment_name(stream),
+        tags={"mlflow.parentRunId": parent_run_id, "gorp.search": search.name},
+    )
+    return tune.Tuner(
+        trainable,
+        param_space=search.param_space(stream.method),
+        tune_config=tune.TuneConfig(
+            metric="objective",
+            mode="max",
+            scheduler=scheduler,
+            # the generator takes the limit itself (TuneConfig's max_concurrent_trials is ignored with a generator)
+            search_alg=BasicVariantGenerator(
+                random_state=search.seed,
+                max_concurrent=concurrent_trials(stream, ray.cluster_resources(), search.concurrency),
+            ),
+            num_samples=search.samples(),
+        ),
+        run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(out), callbacks=[mlflow_cb], verbose=0),
+    )
+
+
+def _trials(results, n_stages: int) -> list[dict]:
+    trials = []
+    for r in results:
+        df = r.metrics_dataframe
+        rows = [] if df is None or "stage" not in df else df.dropna(subset=["stage"]).to_dict("records")
+        per_stage = {int(row["stage"]): row for row in rows}  # a resumed trial may report a stage twice: the last
+        stages = max(per_stage, default=0)
+        trials.append(
+            {
+                "trial_id": (r.metrics or {}).get("trial_id") or Path(r.path).name,
+                "config": {k: v.item() if hasattr(v, "item") else v for k, v in r.config.items()},
+                "aa": [per_stage[s].get("aa") for s in sorted(per_stage)],
+                "objective": per_stage[stages]["objective"] if stages else None,
+                "stages": stages,
+                "stopped": bool(stages and stages < n_stages and r.error is None),
+                "ended": per_stage[stages].get("timestamp") if stages else None,
+                "status": "ERROR" if r.error is not None else "TERMINATED",
+                "error": None if r.error is None else str(r.error)[-300:],
+            }
+        )
+    trials.sort(key=lambda t: t["trial_id"])
+    return trials
+
+
+def outcome_json(outcome: TuneOutcome) -> str:
+    return json.dumps({"best": outcome.best, "trials": outcome.trials, "notes": outcome.notes}, indent=1, default=str)
