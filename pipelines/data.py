@@ -53,7 +53,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = "1"
+CACHE_VERSION = "2"  # 2: meta.json lists each Parquet file's size and sha256
 
 
 # ---------------------------------------------------------------- the tokenized cache
@@ -103,6 +103,47 @@ def _load_entry(entry: Path, task: str, split: str, cache_hit: bool) -> Prepared
         quarantine=quarantine if meta["num_bad"] else None,
         **{k: meta[k] for k in _STORED},
     )
+
+
+def _file_check(path: Path) -> dict[str, Any]:
+    with open(path, "rb") as f:
+        return {"bytes": path.stat().st_size, "sha256": hashlib.file_digest(f, "sha256").hexdigest()}
+
+
+def _damage(entry: Path) -> str | None:
+    """What is wrong with a cache entry (None when its files match meta.json: sizes, sha256, Parquet row count)."""
+    try:
+        meta = json.loads((entry / "meta.json").read_text())
+        files = meta["files"]
+    except (OSError, ValueError, KeyError) as e:
+        return f"meta.json unreadable ({e})"
+    rows = 0
+    for name, want in files.items():
+        path = entry / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if _file_check(path) != want:
+            return f"{name} does not match its size/sha256 in meta.json"
+        rows += pq.read_metadata(path).num_rows
+    if rows != meta.get("num_rows"):
+        return f"{rows} rows where meta.json says {meta.get('num_rows')}"
+    return None
+
+
+def _discard_if_damaged(entry: Path) -> None:
+    """A damaged cache entry (a truncated Parquet file, a missing one) is moved aside and re-tokenized."""
+    if not (entry / "meta.json").is_file():
+        return
+    damage = _damage(entry)
+    if damage is None:
+        return
+    log.warning("tokenized cache entry %s is damaged (%s): re-tokenizing it", entry, damage)
+    aside = entry.with_name(f"{entry.name}.damaged-{uuid.uuid4().hex[:8]}")
+    try:
+        os.rename(entry, aside)
+    except FileNotFoundError:  # a twin process moved it first
+        return
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 @dataclass
@@ -170,6 +211,8 @@ def prepare_splits(
         digest_key = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
         entry = Path(cache_dir) / f"{task.name}.{split}.{digest_key}"
         entries.append(entry)
+        if entry not in entries[:-1]:
+            _discard_if_damaged(entry)
         if not (entry / "meta.json").is_file() and all(m.entry != entry for m in misses):
             tmp = entry.with_name(f"{entry.name}.tmp-{uuid.uuid4().hex[:8]}")
             misses.append(_Miss(task, source, digest, entry, tmp, key))
@@ -260,6 +303,7 @@ def _build_entries(
             )
         (m.tmp / "data").mkdir()
         pq.write_table(part, m.tmp / "data" / "part-00000.parquet")
+        files = {f"data/{f.name}": _file_check(f) for f in sorted((m.tmp / "data").iterdir())}
         lengths = pc.list_value_length(part["input_ids"])
         meta = {
             "source": str(m.source),
@@ -271,8 +315,9 @@ def _build_entries(
             "mean_length": round(pc.mean(lengths).as_py(), 2),
             "pad_token_id": pad,
             "key": m.key,
+            "files": files,
         }
-        (m.tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        storage.write_text(m.tmp / "meta.json", json.dumps(meta, indent=1))  # temporary name, then a rename
     for m in misses:  # only now: a failure above leaves no entry behind
         try:
             os.rename(m.tmp, m.entry)

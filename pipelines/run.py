@@ -8,8 +8,18 @@ task list (:func:`pipelines.sequence.identity`); the newest sequence with that i
 * absent (or ``restart``): a new sequence from the stream's model (or ``start_from``);
 * complete: its stages are kept and the stream's further tasks, if any, are trained on top (a task appended to the
   stream is one new stage; nothing earlier is retrained);
-* interrupted (its parent run did not finish): continued with ``resume`` from its last completed stage and that
-  stage's last checkpoint; refused otherwise.
+* interrupted (its parent run did not finish *and* no live run holds its lease): continued with ``resume`` from its
+  last completed stage and that stage's last checkpoint; refused otherwise.
+
+One live run per sequence: before MLflow is opened, the run takes a lease (:mod:`pipelines.lease`) named after the
+stream and the sequence's identity, ``<storage>/leases/<stream>-<identity>.json``, with a heartbeat. A second run (or
+``--resume``) of a live sequence is refused with :class:`SequenceRunning`, naming the live run's host, pid and start;
+a lease whose owner died is taken over, so a sequence left RUNNING in MLflow while nobody holds its lease is
+interrupted. The lease lives in the run's storage (``--storage``, default the run directory) rather than beside the
+tracking store: the storage is what every node of a cluster writes stage models to, it is where the atomic create is
+(a local/shared path's ``O_EXCL``, S3's conditional PUT), and a tracking *server* offers no compare-and-set at all.
+It also serializes the first writes to a fresh SQLite store, which MLflow's schema creation does not survive.
+A Ctrl-C marks the sequence's MLflow runs KILLED and raises :class:`RunInterrupted` saying how to resume.
 """
 
 from __future__ import annotations
@@ -17,7 +27,10 @@ from __future__ import annotations
 import uuid
 from pathlib import Path
 
+from pipelines import storage as stores
+from pipelines.lease import Lease, LeaseHeld
 from pipelines.lineage import Lineage, LineageRecorder
+from pipelines.preflight import check_remote_code, check_tracking
 from pipelines.recorders import ProgressDisplay, ResultsWriter
 from pipelines.records import file_digest
 from pipelines.registry import store_exists, tracking_uri_for
@@ -27,6 +40,39 @@ from pipelines.sequence import check_history, identity, run_sequence
 
 class SequenceExists(RuntimeError):
     """An interrupted sequence with the same configuration exists: resume it or restart explicitly."""
+
+
+class SequenceRunning(RuntimeError):
+    """A live run holds this sequence's lease (``.holder``: host, pid, since)."""
+
+    def __init__(self, message: str, holder):
+        super().__init__(message)
+        self.holder = holder
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C: the MLflow runs are marked KILLED; ``str()`` says where the run stands and how to resume."""
+
+
+LEASE_TTL_S = 60.0  # a holder whose heartbeat (every ttl/3) is older than this is dead, whatever its host
+
+
+def lease_name(stream, ident: str) -> str:
+    return f"{stream.name}-{ident}"
+
+
+def claim(stream, ident: str, root: str, *, resume: bool) -> Lease:
+    """The sequence's lease; a dead holder's is taken over (its sequence is then interrupted), a live one refused."""
+    name = lease_name(stream, ident)
+    try:
+        return Lease.acquire(root, name, ttl_s=LEASE_TTL_S, takeover=True, owner=f"gorp run {stream.name}")
+    except LeaseHeld as e:
+        what = "--resume of" if resume else "a second run of"
+        raise SequenceRunning(
+            f"{stream.name}: {what} a live sequence is refused: it is being run by {e.holder.describe()}; "
+            f"lease {stores.join(root, 'leases', name + '.json')}. Wait for it, or stop it (Ctrl-C) first",
+            e.holder,
+        ) from None
 
 
 def resolve_start(start_from: str | None, tracking_uri: str) -> str | None:
@@ -84,31 +130,59 @@ def run_stream(
     console = console or Console()
     method = method or stream.method
     run_dir = Path(run_dir or stream.run_dir).resolve()
-    ml = stream.mlflow
-    tracking_uri = tracking_uri_for(run_dir, ml.tracking_uri)
+    tracking_uri = tracking_uri_for(run_dir, stream.mlflow.tracking_uri)
+    check_tracking(tracking_uri)  # seconds, not MLflow's minutes of retries, and before Ray starts
+    if stream.trust_remote_code:
+        from pipelines.demo_model import resolve_model
+
+        check_remote_code(resolve_model(stream.model), True)
     start_uri = resolve_start(start_from, tracking_uri)
     ident = identity(stream, method, start_uri)
-    lin = Lineage(tracking_uri, ml.experiment, max_forgetting=ml.max_forgetting, new_task_floor=ml.new_task_floor)
-    reopen, sequence_id, history = _plan(lin, stream, ident, resume=resume, restart=restart, say=console.print)
-    if start_uri is not None and not history:
-        console.print(f"starting {stream.name} ({sequence_id}) from {start_from}: {start_uri}")
-    writer = ResultsWriter(run_dir)
-    if len(history) == len(stream.tasks) and reopen is not None:
-        console.print(
-            f"[green]sequence {stream.name} ({sequence_id}) is complete: {len(history)} stages; nothing to do"
-        )
-        result = SequenceResult(stream.name, sequence_id, [t.name for t in stream.tasks], history)
-        writer.write(result)
-        return result
-    recorder = LineageRecorder(lin, ident, run_dir=run_dir, reopen=reopen, say=console.print)
-    return run_sequence(
-        stream,
-        method=method,
-        history=history,
-        start_from=start_uri,
-        sequence_id=sequence_id,
-        callbacks=[ProgressDisplay(console), writer, recorder, *callbacks],
-        storage=storage,
-        run_dir=run_dir,
-        hooks=hooks,
-    )
+    lease = claim(stream, ident, stores.normalize(storage or run_dir), resume=resume)
+    try:
+        ml = stream.mlflow
+        lin = Lineage(tracking_uri, ml.experiment, max_forgetting=ml.max_forgetting, new_task_floor=ml.new_task_floor)
+        reopen, sequence_id, history = _plan(lin, stream, ident, resume=resume, restart=restart, say=console.print)
+        if start_uri is not None and not history:
+            console.print(f"starting {stream.name} ({sequence_id}) from {start_from}: {start_uri}")
+        writer = ResultsWriter(run_dir)
+        if len(history) == len(stream.tasks) and reopen is not None:
+            console.print(
+                f"[green]sequence {stream.name} ({sequence_id}) is complete: {len(history)} stages; nothing to do"
+            )
+            result = SequenceResult(stream.name, sequence_id, [t.name for t in stream.tasks], history)
+            writer.write(result)
+            return result
+        recorder = LineageRecorder(lin, ident, run_dir=run_dir, reopen=reopen, say=console.print)
+        try:
+            return run_sequence(
+                stream,
+                method=method,
+                history=history,
+                start_from=start_uri,
+                sequence_id=sequence_id,
+                callbacks=[ProgressDisplay(console), writer, recorder, *callbacks],
+                storage=storage,
+                run_dir=run_dir,
+                hooks=hooks,
+            )
+        except KeyboardInterrupt:
+            raise RunInterrupted(_killed(stream, recorder, len(history))) from None
+    finally:
+        lease.release()
+
+
+def _killed(stream, recorder: LineageRecorder, first: int) -> str:
+    """Mark the unfinished stage runs and the parent KILLED; the sentence that says where the run stands."""
+    done = {s.stage for s in recorder.stages}
+    n, k = len(stream.tasks), max(first, len(recorder.stages))
+    marked = "nothing was recorded yet"
+    if recorder.parent is not None:
+        for stage, run_id in recorder.run_ids.items():
+            if stage not in done:
+                recorder.lin.finish_stage(run_id, "KILLED")
+        recorder.lin.finish_sequence(recorder.parent, "KILLED")
+        marked = f"MLflow run {recorder.parent} marked KILLED"
+    where = f"stage {k + 1}/{n} ({stream.tasks[k].name}) was running" if k < n else "all stages were done"
+    kept = {0: "", 1: "stage 1 is complete and registered; "}.get(k, f"stages 1-{k} are complete and registered; ")
+    return f"interrupted: {where}; {kept}{marked}. `gorp run --resume` continues from its last checkpoint"

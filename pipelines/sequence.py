@@ -332,6 +332,10 @@ def run_sequence(
     """
     from ray.util.queue import Queue
 
+    from pipelines.preflight import check_resources
+
+    ray_start_s = init_ray()  # prepare() attaches to it; the worker group must fit before the data is prepared
+    check_resources(stream)
     plan, base_uri = prepare(
         stream,
         method=method,
@@ -343,6 +347,8 @@ def run_sequence(
         cache_dir=cache_dir,
         eval_split=eval_split,
     )
+    plan.timings["ray_start_s"] += ray_start_s
+    _preflight(plan)
     _notify(callbacks, "on_start", plan)
     done = _read_back(plan, callbacks)
     if plan.start + len(done) < len(plan.tasks):
@@ -361,6 +367,13 @@ def run_sequence(
     result.timings = plan.timings
     _notify(callbacks, "on_end", plan, result)
     return result
+
+
+def _preflight(plan: SequencePlan) -> None:
+    """Before anything is recorded or trained: every task has a global batch of training rows."""
+    from pipelines.preflight import check_batches
+
+    check_batches(plan.stream, {p.name: p.n_train for p in plan.prepared[plan.start :]})
 
 
 def _eval_sets(plan: SequencePlan) -> dict[str, dict]:
