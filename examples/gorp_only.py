@@ -20,7 +20,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gorp.loop import run_task  # noqa: E402
 from gorp.methods import build_method  # noqa: E402
 from gorp.metrics import summarize  # noqa: E402
-from gorp.models import tiny_llama  # noqa: E402
 
 N_TASKS, KEYS, VOCAB = 3, 16, 128
 HPARAMS = {
@@ -61,9 +60,27 @@ def accuracy(model, task: int) -> float:
     return float((pred == values).float().mean())
 
 
+def small_llama():
+    """A small randomly initialized LLaMA-config causal LM (2 blocks of width 64)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        tie_word_embeddings=False,
+        attn_implementation="eager",
+    )
+    return LlamaForCausalLM(cfg).float()
+
+
 def run(name: str, steps: int) -> dict:
     torch.manual_seed(0)
-    model = tiny_llama(seed=0, vocab_size=VOCAB, hidden=64, layers=2, intermediate=128)
+    model = small_llama()
     method = build_method(name, **HPARAMS[name])
     matrix = []
     for t in range(N_TASKS):

@@ -8,8 +8,8 @@ plus whatever the allocator holds on to (what a user's process really uses). ``t
 allocations; ``ru_maxrss`` cannot be reset after the imports.
 
 The JSON request: ``model`` ({"llama": {LlamaConfig kwargs}} for random weights of a given shape,
-{"tiny": {tiny_llama kwargs}}, or {"path": folder}), ``method`` and ``method_args``, ``batch``, ``seq``, ``steps``,
-``precision``, ``activation_checkpointing``, ``threads``.
+{"tiny": {LlamaConfig overrides of TINY}}, or {"path": folder}), ``method`` and ``method_args``, ``batch``,
+``seq``, ``steps``, ``precision``, ``activation_checkpointing``, ``threads``.
 """
 
 from __future__ import annotations
@@ -50,6 +50,20 @@ def reset_peak_rss() -> None:
     Path("/proc/self/clear_refs").write_text("5")
 
 
+# {"tiny": {overrides}}: a small LLaMA of this shape (the tests' tiny model: tests/tiny_models.py)
+TINY = {
+    "vocab_size": 128,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "max_position_embeddings": 512,
+    "tie_word_embeddings": False,
+    "attn_implementation": "eager",
+}
+
+
 def build_model(spec: dict[str, Any]):
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -57,12 +71,8 @@ def build_model(spec: dict[str, Any]):
 
     if "path" in spec:
         return load_model(spec["path"])[0]
-    if "tiny" in spec:
-        from gorp.models import tiny_llama
-
-        return tiny_llama(**spec["tiny"])
     torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(**spec["llama"])).float()
+    return LlamaForCausalLM(LlamaConfig(**(TINY | spec.get("tiny", {}) if "tiny" in spec else spec["llama"]))).float()
 
 
 def _batch(step: int, batch: int, seq: int, vocab: int) -> dict[str, torch.Tensor]:
@@ -94,11 +104,9 @@ def _steps(req: dict[str, Any], model) -> list[float]:
 
 def probe(req: dict[str, Any]) -> dict[str, Any]:
     """Run the request in this process (see the module docstring); returns baseline, peak and step times."""
-    from gorp.models import tiny_llama
-
     torch.set_num_threads(int(req.get("threads", 1)))
     warm = dict(req, steps=1, batch=2, seq=8)  # lazy library state (thread pools, kernels) before the baseline
-    _steps(warm, tiny_llama(seed=0))
+    _steps(warm, build_model({"tiny": {}}))
     gc.collect()
     baseline = rss_bytes()
     reset_peak_rss()

@@ -13,9 +13,10 @@ from safetensors.torch import save_file
 from gorp.fsdp import full_state_dict, shard_model
 from gorp.loop import train_step
 from gorp.methods import build_method
-from gorp.models import enable_activation_checkpointing, tiny_llama
+from gorp.models import enable_activation_checkpointing
 from gorp.optim import ProjAdamW
 from gorp.precision import Precision
+from tiny_models import tiny_llama
 
 BATCH, SEQ, VOCAB = 4, 12, 128
 GORP_ARGS = {"lr": 3e-3, "full_rank_lr": 3e-3, "update_gap": 4, "rank": 4, "scale": 1.0, "lora_dropout": 0.0}

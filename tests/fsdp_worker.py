@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from gorp.fsdp import full_state_dict, shard_model
 from gorp.loop import train_step
 from gorp.methods import build_method
-from gorp.models import tiny_llama
+from tiny_models import tiny_llama
 
 STEPS = 16  # per task; with update_gap 5: refreshes at steps 0, 5, 10, 15 of each task
 BATCH, SEQ, VOCAB = 4, 12, 128

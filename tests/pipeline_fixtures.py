@@ -58,7 +58,7 @@ def make_model(folder: Path, corpus: list[str]) -> Path:
     """A tiny LLaMA with a word-level tokenizer over ``corpus``, saved like any Hugging Face model folder."""
     from transformers import AutoTokenizer
 
-    from gorp.models import tiny_llama
+    from tiny_models import tiny_llama
 
     make_tokenizer(folder, corpus)
     tok = AutoTokenizer.from_pretrained(folder)

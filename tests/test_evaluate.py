@@ -9,7 +9,6 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from gorp.models import tiny_llama, tiny_t5
 from helpers_tokenizer import make_tokenizer
 from pipelines.evaluate import (
     _clean_prediction,
@@ -19,6 +18,7 @@ from pipelines.evaluate import (
     rank_scores,
     split_for_rank,
 )
+from tiny_models import tiny_llama, tiny_t5
 
 CORPUS = ["question about one two three four five : answer is it ?", "alpha beta gamma red apple pear"]
 

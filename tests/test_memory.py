@@ -8,7 +8,8 @@ import torch
 from gorp.memory import TaskMemory, append_orthonormal, leading_directions
 from gorp.methods import build_method
 from gorp.methods.base import ContinualMethod, lora_pairs
-from gorp.models import strip_peft, tiny_llama
+from gorp.models import strip_peft
+from tiny_models import tiny_llama
 
 
 def test_leading_directions_hold_the_energy_threshold():

@@ -9,7 +9,7 @@ import torch
 from gorp.memory import TaskMemory, gpm_directions
 from gorp.methods import build_method
 from gorp.methods.base import ContinualMethod, lora_pairs
-from gorp.models import tiny_llama
+from tiny_models import tiny_llama
 
 E = torch.eye(20, dtype=torch.float64)
 BASIS = E[:, :6]  # a stored 6-direction basis: e0..e5

@@ -11,8 +11,8 @@ from gorp.loop import train_step
 from gorp.memplan import memory_report, memory_warnings, plan_memory, saved_activation_bytes
 from gorp.memprobe import measure
 from gorp.methods import build_method
-from gorp.models import tiny_llama
 from gorp.optim import ProjAdamW
+from tiny_models import tiny_llama
 
 TINY = tiny_llama(seed=0).config
 SMOLLM2 = {

@@ -9,7 +9,7 @@ from gorp.loop import run_task
 from gorp.methods import METHODS, build_method
 from gorp.methods.base import ContinualMethod, lora_pairs
 from gorp.methods.slice import gradient_surgery
-from gorp.models import tiny_llama
+from tiny_models import tiny_llama
 
 
 def batches(task: int, n: int = 4, bs: int = 4):
@@ -113,7 +113,8 @@ def test_two_tasks_and_state_round_trip(name, tmp_path):
 def test_merged_model_from_the_state_dict_equals_the_in_place_merge(arch):
     """What a stage does at its end (finalize_state_dict, then model_from_state_dict) gives the model that PEFT's
     in-place merge gives, holding the state dict's own tensors (no copy), tied weights tied (T5)."""
-    from gorp.models import model_from_state_dict, tiny_t5
+    from gorp.models import model_from_state_dict
+    from tiny_models import tiny_t5
 
     make = tiny_llama if arch == "llama" else tiny_t5
     method = build_method("gorp", lora_dropout=0.0, update_gap=2, full_rank_lr=1e-3)
@@ -144,7 +145,7 @@ def test_merged_model_from_the_state_dict_equals_the_in_place_merge(arch):
 
 
 def test_gorp_on_t5_targets_self_attention_lora_and_cross_attention_full_rank():
-    from gorp.models import tiny_t5
+    from tiny_models import tiny_t5
 
     method = build_method("gorp", lora_dropout=0.0, update_gap=2, full_rank_lr=1e-3)
     model = method.setup_task(tiny_t5(seed=0), 0)

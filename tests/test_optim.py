@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from gorp.methods import build_method
-from gorp.models import tiny_llama
 from gorp.optim import ProjAdamW, state_bytes
+from tiny_models import tiny_llama
 
 
 def reference_galore_adam(w0, grads, *, lr, rank, gap, scale, b1=0.9, b2=0.999, eps=1e-8, basis=None):

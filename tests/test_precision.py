@@ -13,8 +13,9 @@ from safetensors.torch import load_file
 
 from gorp.loop import train_step
 from gorp.methods import build_method
-from gorp.models import enable_activation_checkpointing, tiny_llama
+from gorp.models import enable_activation_checkpointing
 from gorp.precision import Precision, get_precision
+from tiny_models import tiny_llama
 
 GORP = {"lr": 3e-3, "full_rank_lr": 3e-3, "update_gap": 4, "rank": 4, "scale": 1.0}
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from gorp.methods import build_method
-from gorp.models import tiny_llama
+from tiny_models import tiny_llama
 
 KEY = "model.layers.0.mlp.down_proj.weight"  # (hidden 32) x (intermediate 64): wide
 ARGS = {
