@@ -115,7 +115,7 @@ class Training(_Strict):
     batch_size: int = Field(8, gt=0)  # global batch (all workers together)
     eval_batch_size: int = Field(16, gt=0)
     max_eval_examples: int | None = Field(None, gt=0)  # score the first N test examples of each task; null: all
-    max_steps: int | None = Field(None, gt=0)  # caps the steps of each stage (epochs otherwise)
+    max_steps: int | None = Field(None, gt=0)  # steps of every stage, cycling over the data; null: epochs x rows/batch
     grad_clip: float | None = Field(1.0, gt=0)  # max gradient norm; null: no clipping
     checkpoint_every: int = Field(0, ge=0)  # optimizer steps between checkpoints; 0: only at the end of a stage
     max_failures: int = Field(0, ge=0)  # worker-group restarts from the last checkpoint (Ray FailureConfig)
