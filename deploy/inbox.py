@@ -5,12 +5,11 @@
       claimed/NAME.yaml + NAME.owner.json claimed: being trained (or abandoned by a watcher that died: resumed next)
       done/NAME.yaml + NAME.decision.json trained; what the gate decided
       rejected/NAME.yaml + NAME.reason.txt failed validation; nothing was trained on it
-      .locks/STREAM.lock                  held by the one watcher training the stream (host, pid, since)
+      leases/retrain-STREAM.json          the lease of the one watcher training the stream (pipelines.lease)
 
 Every transition is one atomic filesystem operation: a claim is an exclusive create of its owner file (two watchers:
-one wins, the other gets ``FileExistsError``) followed by a rename; the lock is an exclusive create kept alive by a
-heartbeat (its mtime). A lock whose owner process is gone (same host), or whose heartbeat is older than ``ttl_s``
-(another host), is taken over.
+one wins, the other gets ``FileExistsError``) followed by a rename. The stream's lease (an exclusive create with a
+heartbeat) keeps the stages of one chain in order: one watcher trains at a time.
 """
 
 from __future__ import annotations
@@ -19,12 +18,15 @@ import json
 import os
 import shutil
 import socket
-import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-CLAIMED, DONE, REJECTED, LOCKS = "claimed", "done", "rejected", ".locks"
+from pipelines.lease import Lease, LeaseHeld
+
+CLAIMED, DONE, REJECTED = "claimed", "done", "rejected"
 TASK_SUFFIXES = (".yaml", ".yml")
 
 
@@ -33,99 +35,22 @@ def owner() -> dict:
     return {"host": socket.gethostname(), "pid": os.getpid(), "since": since}
 
 
-def owner_alive(who: dict) -> bool | None:
-    """True/False for an owner on this host (is its process there?); None for another host (unknown)."""
-    if who.get("host") != socket.gethostname():
-        return None
+@contextmanager
+def stream_lock(inbox: Path, name: str, ttl_s: float = 60.0, poll_s: float = 1.0) -> Iterator[Lease]:
+    """Hold the stream's retraining lease (``INBOX/leases/retrain-NAME.json``, :mod:`pipelines.lease`), waiting while
+    a live watcher holds it; a dead holder's (its process gone, or no heartbeat for ``ttl_s``) is taken over."""
+    while True:
+        try:
+            lease = Lease.acquire(
+                str(inbox), f"retrain-{name}", ttl_s=ttl_s, takeover=True, owner=f"gorp retrain {name}"
+            )
+            break
+        except LeaseHeld:
+            time.sleep(poll_s)
     try:
-        os.kill(int(who["pid"]), 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, KeyError, ValueError, TypeError):
-        return True
-    return True
-
-
-class LockHeld(RuntimeError):
-    def __init__(self, holder: dict):
-        super().__init__(f"held by {holder.get('host')} pid {holder.get('pid')} since {holder.get('since')}")
-        self.holder = holder
-
-
-class StreamLock:
-    """One watcher at a time trains a stream: the stages of one chain are trained in order, never side by side."""
-
-    def __init__(self, inbox: Path, name: str, ttl_s: float = 60.0):
-        self.path, self.ttl_s = Path(inbox) / LOCKS / f"{name}.lock", ttl_s
-        self._stop = threading.Event()
-        self._beat: threading.Thread | None = None
-
-    def try_acquire(self) -> None:
-        """Take the lock or raise :class:`LockHeld`; a stale lock (dead owner, expired heartbeat) is taken over."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                holder = self._holder()
-                if holder is None or not self._stale(holder):
-                    raise LockHeld(holder or {}) from None
-                # rename, not unlink: of two watchers that both found it stale, only one moves it away
-                try:
-                    os.rename(self.path, self.path.with_name(f"{self.path.name}.stale-{os.getpid()}"))
-                except FileNotFoundError:
-                    pass
-                continue
-            with os.fdopen(fd, "w") as f:
-                json.dump(owner(), f)
-            self._stop.clear()
-            self._beat = threading.Thread(target=self._heartbeat, daemon=True)
-            self._beat.start()
-            return
-        raise LockHeld(self._holder() or {})
-
-    def acquire(self, poll_s: float = 1.0) -> None:
-        """Wait until the lock is ours."""
-        while True:
-            try:
-                return self.try_acquire()
-            except LockHeld:
-                time.sleep(poll_s)
-
-    def release(self) -> None:
-        self._stop.set()
-        if self._beat is not None:
-            self._beat.join()
-        self.path.unlink(missing_ok=True)
-
-    def __enter__(self) -> StreamLock:
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.release()
-
-    def _holder(self) -> dict | None:
-        try:
-            return json.loads(self.path.read_text())
-        except (FileNotFoundError, ValueError):
-            return None  # gone, or being written: try again
-
-    def _stale(self, holder: dict) -> bool:
-        alive = owner_alive(holder)
-        if alive is not None:
-            return not alive
-        try:
-            return time.time() - self.path.stat().st_mtime > self.ttl_s
-        except FileNotFoundError:
-            return True
-
-    def _heartbeat(self) -> None:
-        while not self._stop.wait(self.ttl_s / 4):
-            try:
-                os.utime(self.path)
-            except FileNotFoundError:
-                return
+        yield lease
+    finally:
+        lease.release()
 
 
 @dataclass

@@ -4,7 +4,7 @@ stage of the stream's sequence, and the promotion gate decides whether it become
     gorp retrain examples/quickstart.yaml --inbox /mnt/gorp/inbox --run-dir /mnt/gorp/runs/quickstart --once
 
 A task file is one task entry of the stream format (name, train, test, labels, ...) with its data beside it (relative
-paths are read against the inbox) or URIs. One pass, under the stream's lock (:class:`deploy.inbox.StreamLock`), one
+paths are read against the inbox) or URIs. One pass, under the stream's lease (:func:`deploy.inbox.stream_lock`), one
 task at a time:
 
 1. a claim left unfinished by a watcher that died is resumed first (``run_stream(resume=True)``: the interrupted
@@ -33,7 +33,7 @@ from typing import Any
 
 import yaml
 
-from deploy.inbox import Claim, Inbox, StreamLock, copy_task_data
+from deploy.inbox import Claim, Inbox, copy_task_data, stream_lock
 from pipelines.sequence import Callback
 
 DECISION_TAG = "gorp.retrain.decision"
@@ -300,7 +300,7 @@ def retrain_once(
     tracking_uri = tracking_uri_for(run_dir, base.mlflow.tracking_uri)
     decisions = []
     while True:
-        with StreamLock(box.root, base.name, ttl_s=lock_ttl_s):
+        with stream_lock(box.root, base.name, ttl_s=lock_ttl_s):
             ledger = learned_tasks(run_dir)
             learned = [t.name for t in base.tasks] + [t["name"] for t in ledger]
             claim, entry = _next_claim(box, base, learned)
