@@ -65,7 +65,7 @@ def test_stage_metrics_are_the_sequence_metrics_of_the_tasks_seen_so_far():
 
 def test_concurrent_trials_follow_the_workers_resources():
     from pipelines.spec import Scaling
-    from tuning.run import concurrent_trials
+    from tuning.run import DRIVER_CPU, concurrent_trials, driver_cpu
 
     class S:
         scaling = Scaling(num_workers=1, cpus_per_worker=0.9)
@@ -74,6 +74,9 @@ def test_concurrent_trials_follow_the_workers_resources():
     assert concurrent_trials(S, {"CPU": 2}, 1) == 1
     S.scaling = Scaling(num_workers=1, cpus_per_worker=1)
     assert concurrent_trials(S, {"CPU": 2}, None) == 1  # two groups and two slivers do not fit in 2 CPUs
+    S.scaling = Scaling(num_workers=1, cpus_per_worker=2)  # the quickstart on 2 CPUs: the driver takes none
+    assert concurrent_trials(S, {"CPU": 2}, None) == 1 and driver_cpu(S, {"CPU": 2}) == 0
+    assert driver_cpu(S, {"CPU": 3}) == DRIVER_CPU
     S.scaling = Scaling(num_workers=2, cpus_per_worker=1)
     assert concurrent_trials(S, {"CPU": 2}, None) == 1
     assert concurrent_trials(S, {"CPU": 16}, 3) == 3

@@ -90,7 +90,8 @@ def plot(outcome, path: Path, n_stages: int) -> None:
         if not xs:
             continue
         best = outcome.best is not None and t["trial_id"] == outcome.best["trial_id"]
-        label = t["trial_id"] + (" (best)" if best else "")
+        values = ", ".join(f"{k}={_fmt(v)}" for k, v in sorted(t["config"].items()) if k != "method")
+        label = f"{t['trial_id']} {values}" + (" (best)" if best else "")
         (line,) = ax.plot(xs, ys, marker="o", lw=2.5 if best else 1.2, label=label)
         if t["stopped"]:
             ax.plot(xs[-1], ys[-1], marker="x", ms=11, mew=2.5, color=line.get_color())

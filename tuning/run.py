@@ -40,13 +40,46 @@ class TuneOutcome:
     parent_run_id: str | None = None
 
 
+def driver_cpu(stream, cluster: dict[str, float]) -> float:
+    """DRIVER_CPU, or 0 where the worker group alone takes every CPU (a sliver more would never be placed)."""
+    workers = stream.scaling.num_workers * stream.scaling.cpus_per_worker
+    return DRIVER_CPU if cluster.get("CPU", 1) >= workers + DRIVER_CPU else 0.0
+
+
 def concurrent_trials(stream, cluster: dict[str, float], cap: int | None) -> int:
-    """How many trials' worker groups fit at once (each trial's driver takes only DRIVER_CPU)."""
+    """How many trials' worker groups fit at once (each trial's driver takes only ``driver_cpu``)."""
     sc = stream.scaling
-    fits = cluster.get("CPU", 1) // (sc.num_workers * sc.cpus_per_worker + DRIVER_CPU)
+    fits = cluster.get("CPU", 1) // (sc.num_workers * sc.cpus_per_worker + driver_cpu(stream, cluster))
     if sc.use_gpu:
         fits = min(fits, cluster.get("GPU", 0) // sc.num_workers)
     return max(1, min(int(fits), cap or math.inf))
+
+
+def start_ray(num_cpus: int | None = None, env_vars: dict[str, str] | None = None) -> None:
+    """A local Ray for a search (unless Ray is up or RAY_ADDRESS names a cluster), its dashboard on loopback at a
+    free port that every worker knows (``RAY_API_SERVER_ADDRESS``). Ray Train's placement-group cleaner, which frees
+    the worker group of a trial that Tune stopped (Ray issue #54305), finds its cluster through the state API; with
+    several Ray instances on one machine it otherwise cannot tell which is its own, and a stopped trial's CPUs stay
+    taken: the next trial waits for them forever."""
+    import socket
+
+    import ray
+
+    if ray.is_initialized() or os.environ.get("RAY_ADDRESS"):
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = (env_vars or {}) | {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")  # as pipelines.sequence.init_ray
+    ray.init(
+        address="local",
+        num_cpus=num_cpus,
+        dashboard_host="127.0.0.1",
+        dashboard_port=port,
+        log_to_driver=False,
+        runtime_env={"env_vars": env},
+    )
 
 
 def tune_stream(stream_path, search_path, *, out_dir=None, resume: bool = False, echo=print) -> TuneOutcome:
@@ -69,6 +102,7 @@ def tune_stream(stream_path, search_path, *, out_dir=None, resume: bool = False,
     # Tune saves the search's state every 10 s or more by default; a driver killed in between reruns the trials that
     # finished meanwhile. Stage-long trials make a save a second cheap (a user's value wins).
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
+    start_ray()
     init_ray()
     val_stream, notes = validation_stream(stream, out, search.holdout_fraction, search.seed)
     for note in notes:
@@ -100,7 +134,7 @@ def _tuner(stream, val_stream, search, out: Path, parent_run_id: str, resume: bo
         tune.with_parameters(
             run_trial, stream_data=val_stream.model_dump(mode="json"), search_dir=str(out), objective=search.objective
         ),
-        {"CPU": DRIVER_CPU},
+        {"CPU": driver_cpu(stream, ray.cluster_resources())},
     )
     if resume:
         return tune.Tuner.restore(str(out / EXPERIMENT), trainable, resume_unfinished=True, resume_errored=True)
