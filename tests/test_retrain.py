@@ -170,7 +170,7 @@ def tracking_server(s3, tmp_path):
         proc = subprocess.Popen(cmd, env=_env(**s3), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     uri = f"http://127.0.0.1:{port}"
     try:
-        _wait_for(lambda: _answers(uri) or proc.poll() is not None, 120, "mlflow server did not answer")
+        _wait_for(lambda: _answers(uri) or proc.poll() is not None, 300, "mlflow server did not answer")
         assert proc.poll() is None, log.read_text()[-2000:]
         yield uri, log
     finally:
