@@ -19,6 +19,9 @@ def _search(tmp_path, text):
 def test_search_file_is_validated_and_names_the_bad_key(tmp_path):
     s = _search(tmp_path, "space:\n  lr: {loguniform: [1.0e-4, 1.0e-1]}\n  rank: {grid: [4, 8]}\n")
     assert s.name == "search" and s.scheduler.kind == "asha" and s.space["rank"].kind == "grid"
+    s = _search(tmp_path, "space: {lr: {grid: [1e-5, 2.5e-4, 3, 1.0e-3]}, refresh: {choice: [fixed, 1e3x]}}\n")
+    assert s.space["lr"].grid == [1e-5, 2.5e-4, 3, 1e-3] and s.space["refresh"].choice == ["fixed", "1e3x"]
+    assert all(isinstance(v, (int, float)) for v in s.space["lr"].grid)  # YAML's text "1e-5" is a number here
     with pytest.raises(SpecError, match=r"search.yaml: scheduler.grace: unknown key"):
         _search(tmp_path, "space: {lr: {choice: [1]}}\nscheduler: {grace: 1}\n")
     with pytest.raises(SpecError, match=r"space.lr: give exactly one of .* \(got choice, grid\)"):
@@ -65,7 +68,7 @@ def test_stage_metrics_are_the_sequence_metrics_of_the_tasks_seen_so_far():
 
 def test_concurrent_trials_follow_the_workers_resources():
     from pipelines.spec import Scaling
-    from tuning.run import DRIVER_CPU, concurrent_trials, driver_cpu
+    from tuning.run import DRIVER_CPU, DRIVER_MEMORY, concurrent_trials, driver_cpu, driver_resources
 
     class S:
         scaling = Scaling(num_workers=1, cpus_per_worker=0.9)
@@ -76,7 +79,8 @@ def test_concurrent_trials_follow_the_workers_resources():
     assert concurrent_trials(S, {"CPU": 2}, None) == 1  # two groups and two slivers do not fit in 2 CPUs
     S.scaling = Scaling(num_workers=1, cpus_per_worker=2)  # the quickstart on 2 CPUs: the driver takes none
     assert concurrent_trials(S, {"CPU": 2}, None) == 1 and driver_cpu(S, {"CPU": 2}) == 0
-    assert driver_cpu(S, {"CPU": 3}) == DRIVER_CPU
+    assert driver_resources(S, {"CPU": 2}) == {"CPU": 0.0, "memory": DRIVER_MEMORY}  # Tune needs some resource
+    assert driver_cpu(S, {"CPU": 3}) == DRIVER_CPU and driver_resources(S, {"CPU": 3}) == {"CPU": DRIVER_CPU}
     S.scaling = Scaling(num_workers=2, cpus_per_worker=1)
     assert concurrent_trials(S, {"CPU": 2}, None) == 1
     assert concurrent_trials(S, {"CPU": 16}, 3) == 3

@@ -28,6 +28,7 @@ from tuning.search import check_space, load_search
 from tuning.trial import run_trial
 
 DRIVER_CPU = 0.01  # what a trial's driver holds: it waits on its workers and Tune, it computes nothing
+DRIVER_MEMORY = 256 * 2**20  # what it asks for where it gets no CPU (bytes; Tune refuses an empty request)
 EXPERIMENT = "search"  # the Tune experiment's folder under the search's output folder
 
 
@@ -44,6 +45,12 @@ def driver_cpu(stream, cluster: dict[str, float]) -> float:
     """DRIVER_CPU, or 0 where the worker group alone takes every CPU (a sliver more would never be placed)."""
     workers = stream.scaling.num_workers * stream.scaling.cpus_per_worker
     return DRIVER_CPU if cluster.get("CPU", 1) >= workers + DRIVER_CPU else 0.0
+
+
+def driver_resources(stream, cluster: dict[str, float]) -> dict[str, float]:
+    """What a trial's driver asks Tune for: ``driver_cpu``, or with none, a little memory (Tune needs a resource)."""
+    cpu = driver_cpu(stream, cluster)
+    return {"CPU": cpu} if cpu else {"CPU": 0.0, "memory": DRIVER_MEMORY}
 
 
 def concurrent_trials(stream, cluster: dict[str, float], cap: int | None) -> int:
@@ -134,7 +141,7 @@ def _tuner(stream, val_stream, search, out: Path, parent_run_id: str, resume: bo
         tune.with_parameters(
             run_trial, stream_data=val_stream.model_dump(mode="json"), search_dir=str(out), objective=search.objective
         ),
-        {"CPU": driver_cpu(stream, ray.cluster_resources())},
+        driver_resources(stream, ray.cluster_resources()),
     )
     if resume:
         return tune.Tuner.restore(str(out / EXPERIMENT), trainable, resume_unfinished=True, resume_errored=True)

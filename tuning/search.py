@@ -15,13 +15,16 @@ scheduler. Validated like the stream: every model forbids unknown keys, so a typ
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipelines.spec import SpecError
+
+NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
 
 
 class _Strict(BaseModel):
@@ -35,6 +38,12 @@ class Param(_Strict):
     uniform: tuple[float, float] | None = None
     loguniform: tuple[float, float] | None = None
     grid: list[Any] | None = Field(None, min_length=1)
+
+    @field_validator("choice", "grid")
+    @classmethod
+    def _numbers(cls, values: list[Any] | None) -> list[Any] | None:
+        """YAML reads 1e-5 (no dot) as text: such values are numbers here, as in uniform and loguniform."""
+        return None if values is None else [float(v) if isinstance(v, str) and NUMBER.match(v) else v for v in values]
 
     @model_validator(mode="after")
     def _one_kind(self) -> Param:
