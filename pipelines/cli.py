@@ -172,6 +172,8 @@ def run(
             raise typer.Exit(130) from None
         except (DataError, ValueError, LookupError, FileNotFoundError) as e:
             raise _failed(e, log, 2) from None
+        except Exception as e:  # noqa: BLE001 - anything else: one line here, the traceback in the log
+            raise _failed(e, log, 1) from None
     console.print(render_table(result.tasks, result.matrix, result.zero_shot, result.summary))
     console.print(
         f"{result.stages[-1].method if result.stages else spec.method}: wall time "
