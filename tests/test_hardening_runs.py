@@ -1,0 +1,242 @@
+"""Hardening on the tiny stream with Ray (issue 10), each asserting the message and that nothing was trained twice
+or lost:
+
+- an unschedulable stream (4 one-CPU workers on a 2-CPU Ray) errors at once, naming the keys, recording nothing;
+- a truncated tokenized-cache file is found and re-tokenized, with a warning;
+- two ``gorp run`` of one stream started together on a fresh run directory: one trains, the other is refused naming
+  the live run (host, pid); with the database there, ``--resume`` of the live sequence is refused; the live run
+  killed, its lease left behind, ``--resume`` takes over and finishes: exactly T versions;
+- Ctrl-C: the MLflow runs are KILLED, the message says where the run stands and how to resume, and ``--resume``
+  finishes with exactly T versions and one run per stage.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import ray
+from mlflow import MlflowClient
+
+from pipeline_fixtures import make_stream
+from pipelines.lease import Lease
+from pipelines.registry import tracking_uri_for
+from pipelines.spec import load_stream
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = {"num_workers": 1, "fsdp": False, "tasks": ["first", "second"]}
+# `gorp run` with slow steps (the workers' hooks, as in test_recovery): the CLI itself, its messages and exit codes
+DRIVER = """
+import sys
+import pipelines.run as run
+from pipeline_fixtures import SlowSteps
+real = run.run_stream
+run.run_stream = lambda *a, **k: real(*a, **{**k, "hooks": SlowSteps(float(sys.argv[1]))})
+from pipelines.cli import app
+app(sys.argv[2:], prog_name="gorp")
+"""
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    env = {"env_vars": {"PYTHONPATH": str(ROOT / "tests")}}
+    ray.init(num_cpus=2, dashboard_host="127.0.0.1", log_to_driver=False, runtime_env=env)
+    yield
+    ray.shutdown()
+
+
+def test_unschedulable_stream_errors_at_once(local_ray, tmp_path):
+    from pipelines.preflight import PreflightError
+    from pipelines.run import run_stream
+
+    stream = load_stream(make_stream(tmp_path, num_workers=4, fsdp=False, max_steps=4, tasks=["first"]))
+    got: dict = {}
+
+    def go():
+        t = time.perf_counter()
+        try:
+            run_stream(stream)
+        except Exception as e:  # noqa: BLE001 - the test looks at it
+            got["error"] = e
+        got["s"] = time.perf_counter() - t
+
+    thread = threading.Thread(target=go, daemon=True)
+    thread.start()
+    thread.join(timeout=90)
+    assert not thread.is_alive(), "the run is waiting for workers that cannot come"
+    assert isinstance(got.get("error"), PreflightError), got
+    text = str(got["error"])
+    assert "scaling.num_workers 4 workers x (1 CPU) each" in text and "the Ray cluster has 2 CPU on 1 node(s)" in text
+    assert "2 worker(s) fit" in text and "lower scaling.num_workers or scaling.cpus_per_worker" in text
+    assert got["s"] < 30, f"{got['s']:.1f} s"
+    print(f"unschedulable: {got['s']:.1f} s to the message")
+    assert not (tmp_path / "run" / "mlflow.db").exists()  # nothing recorded
+    assert not list((tmp_path / "run").glob("sequences/*/*/model"))
+
+
+def test_truncated_cache_file_is_retokenized(local_ray, tmp_path, caplog):
+    from pipelines.data import prepare_stream
+
+    stream = load_stream(make_stream(tmp_path, **SMALL))
+    run_dir = tmp_path / "run"
+    first = prepare_stream(stream, tmp_path / "model", run_dir)
+    files = sorted(run_dir.glob("cache/first.train.*/data/*.parquet"))
+    assert len(files) == 1
+    original = files[0].read_bytes()
+    meta = json.loads((files[0].parents[1] / "meta.json").read_text())
+    assert (
+        meta["files"]
+        == {
+            f"data/{files[0].name}": {
+                "bytes": len(original),
+                "sha256": meta["files"][f"data/{files[0].name}"]["sha256"],
+            }
+        }
+        and meta["num_rows"] == 32
+    )
+    files[0].write_bytes(original[: len(original) // 2])
+    with caplog.at_level(logging.WARNING, logger="pipelines.data"):
+        again = prepare_stream(stream, tmp_path / "model", run_dir)
+    damaged = [r.getMessage() for r in caplog.records if "damaged" in r.getMessage()]
+    assert len(damaged) == 1 and "first.train." in damaged[0] and "does not match its size/sha256" in damaged[0]
+    assert [p.split.cache_hit for p in again] == [False, True]  # only the damaged entry re-tokenized
+    assert again[0].n_train == first[0].n_train == 32
+    assert sorted(run_dir.glob("cache/first.train.*/data/*.parquet"))[0].read_bytes() == original
+    third = prepare_stream(stream, tmp_path / "model", run_dir)
+    assert [p.split.cache_hit for p in third] == [True, True]
+
+
+def _env() -> dict:
+    return {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
+
+
+def _gorp(step_sleep: float, *args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-c", DRIVER, str(step_sleep), *args],
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # its own process group: a signal reaches the driver and the Ray it started
+    )
+
+
+def _versions(run_dir: Path) -> list:
+    client = MlflowClient(tracking_uri_for(run_dir, None))
+    return sorted(client.search_model_versions("name='tiny-stream'"), key=lambda v: int(v.version))
+
+
+def _stage_running(run_dir: Path, stage: int) -> bool:
+    path = run_dir / "progress.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    return any(r["stage"] == stage for r in rows)
+
+
+def _wait_for(cond, proc: subprocess.Popen, timeout: float, what: str) -> None:
+    end = time.time() + timeout
+    while time.time() < end:
+        if cond():
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"{what}: the driver ended first: {proc.stdout.read()[-3000:]}")
+        time.sleep(0.2)
+    raise TimeoutError(what)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def test_two_runs_together_one_trains_the_other_is_refused(tmp_path):
+    path = make_stream(tmp_path, max_steps=4, **SMALL)
+    run_dir = tmp_path / "run"
+    procs = [_gorp(0.5, "run", str(path)) for _ in range(2)]  # fresh: no database yet
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    codes = [p.returncode for p in procs]
+    assert sorted(codes) == [0, 1], outs
+    winner, loser = (0, 1) if codes[0] == 0 else (1, 0)
+    refusal = _one_line(outs[loser])
+    assert "a second run of a live sequence is refused: it is being run by gorp run tiny-stream" in refusal
+    assert f"pid {procs[winner].pid}, since" in refusal and "Wait for it, or stop it" in refusal
+    assert "Traceback" not in outs[loser]
+    assert [v.tags["task"] for v in _versions(run_dir)] == ["first", "second"]
+
+    # the database is there now: a third task appended, run slowly; --resume while it runs is refused
+    path = make_stream(tmp_path, max_steps=8, num_workers=1, fsdp=False, tasks=["first", "second", "animal"])
+    live = _gorp(10.0, "run", str(path))  # slow: it is killed once the second run has been refused
+    try:
+        _wait_for(lambda: _stage_running(run_dir, 2), live, 300, "stage 3 did not start")
+        second = subprocess.run(
+            [sys.executable, "-c", DRIVER, "0", "run", str(path), "--resume"],
+            env=_env(),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert second.returncode == 1, second.stdout + second.stderr
+        refusal = _one_line(second.stdout)
+        assert "--resume of a live sequence is refused" in refusal and f"pid {live.pid}, since" in refusal
+        assert live.poll() is None  # the live run was left alone
+    finally:
+        os.killpg(live.pid, signal.SIGKILL)  # the owner dies: its lease stays behind
+        live.wait()
+    (lease_file,) = run_dir.glob("leases/*.json")
+    holder = Lease.read(str(run_dir), lease_file.stem)
+    assert holder.pid == live.pid and not holder.alive
+    assert len(_versions(run_dir)) == 2
+    resumed = _gorp(0.0, "run", str(path), "--resume")
+    out = resumed.communicate(timeout=600)[0]
+    assert resumed.returncode == 0, out[-3000:]
+    assert "resuming tiny-stream" in out
+    assert [v.tags["task"] for v in _versions(run_dir)] == ["first", "second", "animal"]
+    assert Lease.read(str(run_dir), lease_file.stem) is None  # released
+
+
+def test_ctrl_c_marks_the_runs_killed_and_resume_finishes(tmp_path):
+    path = make_stream(tmp_path, max_steps=8, **SMALL)
+    run_dir = tmp_path / "run"
+    proc = _gorp(1.0, "run", str(path))
+    try:
+        _wait_for(lambda: _stage_running(run_dir, 1), proc, 300, "stage 2 did not start")
+        t = time.perf_counter()
+        os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole foreground group
+        out = proc.communicate(timeout=120)[0]
+        took = time.perf_counter() - t
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, out[-3000:]
+    text = _one_line(out)
+    assert "interrupted: stage 2/2 (second) was running; stage 1 is complete and registered" in text, out[-3000:]
+    assert "marked KILLED. `gorp run --resume` continues from its last checkpoint" in text
+    print(f"Ctrl-C: {took:.1f} s to the message")
+    client = MlflowClient(tracking_uri_for(run_dir, None))
+    exp = client.get_experiment_by_name("tiny-stream")
+    (parent,) = client.search_runs([exp.experiment_id], "tags.`gorp.kind` = 'sequence'")
+    stages = {
+        r.data.tags["gorp.stage"]: r.info.status
+        for r in client.search_runs([exp.experiment_id], "tags.`gorp.kind` = 'stage'")
+    }
+    assert parent.info.status == "KILLED" and stages == {"0": "FINISHED", "1": "KILLED"}
+    assert len(_versions(run_dir)) == 1
+    assert not list(run_dir.glob("leases/*.json"))  # released on the way out
+    stage1 = next(run_dir.glob("sequences/*/00-first/model/stage.json"))
+    before = stage1.stat().st_mtime_ns
+
+    resumed = _gorp(0.0, "run", str(path), "--resume")
+    out = resumed.communicate(timeout=600)[0]
+    assert resumed.returncode == 0, out[-3000:]
+    assert [v.tags["task"] for v in _versions(run_dir)] == ["first", "second"]
+    (parent,) = client.search_runs([exp.experiment_id], "tags.`gorp.kind` = 'sequence'")
+    runs = client.search_runs([exp.experiment_id], "tags.`gorp.kind` = 'stage'")
+    assert parent.info.status == "FINISHED"
+    assert sorted((r.data.tags["gorp.stage"], r.info.status) for r in runs) == [("0", "FINISHED"), ("1", "FINISHED")]
+    assert stage1.stat().st_mtime_ns == before  # stage 1 was not trained again
