@@ -169,9 +169,10 @@ def test_two_runs_together_one_trains_the_other_is_refused(tmp_path):
     assert "Traceback" not in outs[loser]
     assert [v.tags["task"] for v in _versions(run_dir)] == ["first", "second"]
 
-    # the database is there now: a third task appended, run slowly; --resume while it runs is refused
-    path = make_stream(tmp_path, max_steps=8, num_workers=1, fsdp=False, tasks=["first", "second", "animal"])
-    live = _gorp(10.0, "run", str(path))  # slow: it is killed once the second run has been refused
+    # the database is there now: a third task appended (same configuration, so the same sequence: one new stage),
+    # run slowly; --resume while it runs is refused
+    path = make_stream(tmp_path, max_steps=4, num_workers=1, fsdp=False, tasks=["first", "second", "animal"])
+    live = _gorp(20.0, "run", str(path))  # slow: killed once the second run has been refused
     try:
         _wait_for(lambda: _stage_running(run_dir, 2), live, 300, "stage 3 did not start")
         second = subprocess.run(
