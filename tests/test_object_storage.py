@@ -100,11 +100,25 @@ def test_model_from_a_uri_and_from_the_hugging_face_cache(s3, tmp_path, monkeypa
         resolve_model("tiny-org/absent")
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 @pytest.fixture
 def two_nodes(s3):
     cluster = Cluster(
         initialize_head=True,
-        head_node_args={"num_cpus": 1, "include_dashboard": True, "dashboard_host": "127.0.0.1"},
+        # a free dashboard port: the default 8265 may be taken by another Ray on this machine
+        head_node_args={
+            "num_cpus": 1,
+            "include_dashboard": True,
+            "dashboard_host": "127.0.0.1",
+            "dashboard_port": _free_port(),
+        },
     )
     cluster.add_node(num_cpus=1)
     ray.init(address=cluster.address, log_to_driver=False)
