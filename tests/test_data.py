@@ -54,7 +54,7 @@ def _jsonl(path: Path, records: list, bad: dict[int, bytes] | None = None) -> Pa
 
 @pytest.fixture(scope="module")
 def ray_local():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield
     ray.shutdown()
@@ -277,9 +277,7 @@ def test_several_splits_tokenize_in_one_job_each_with_its_own_limits(ray_local, 
 def test_skip_mode_through_ray_quarantines_and_reads_the_good_records(ray_local, tmp_path, tok_dir):
     src = _jsonl(tmp_path / "t.jsonl", _records(10), {3: b"\xff\xfe not utf-8", 7: b'{"instruction": "q", "inpu'})
     task = Task(name="t", train=src, test=src, labels=LABELS, on_bad_record="skip")
-    prep = prepare_split(
-        task, tokenizer_path=tok_dir, cache_dir=tmp_path / "c", quarantine_dir=tmp_path / "quarantine"
-    )
+    prep = prepare_split(task, tokenizer_path=tok_dir, cache_dir=tmp_path / "c", quarantine_dir=tmp_path / "quarantine")
     assert (prep.num_rows, prep.num_bad) == (10, 2) and prep.quarantine == tmp_path / "quarantine" / "t.train.jsonl"
     bad = [json.loads(line) for line in prep.quarantine.read_text().splitlines()]
     assert [b["line"] for b in bad] == [3, 7] and "invalid UTF-8" in bad[0]["reason"]

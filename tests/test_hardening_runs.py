@@ -48,7 +48,7 @@ app(sys.argv[2:], prog_name="gorp")
 @pytest.fixture(scope="module")
 def local_ray():
     env = {"env_vars": {"PYTHONPATH": str(ROOT / "tests")}}
-    ray.init(num_cpus=2, dashboard_host="127.0.0.1", log_to_driver=False, runtime_env=env)
+    ray.init(address="local", num_cpus=2, dashboard_host="127.0.0.1", log_to_driver=False, runtime_env=env)
     yield
     ray.shutdown()
 

@@ -66,7 +66,14 @@ class BreakCarryOver:
 def local_ray():
     # the workers import this module by name to run BreakCarryOver's hooks
     env = {"env_vars": {"PYTHONPATH": str(Path(__file__).parent)}}
-    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False, runtime_env=env)
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        log_to_driver=False,
+        runtime_env=env,
+    )
     yield
     ray.shutdown()
 

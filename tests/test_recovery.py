@@ -38,7 +38,7 @@ def versions_of(run_dir: Path, name: str = "tiny-stream") -> list:
 @pytest.fixture(scope="module")
 def local_ray():
     env = {"env_vars": {"PYTHONPATH": str(ROOT / "tests")}}  # the workers import pipeline_fixtures' hooks
-    ray.init(num_cpus=2, dashboard_host="127.0.0.1", log_to_driver=False, runtime_env=env)
+    ray.init(address="local", num_cpus=2, dashboard_host="127.0.0.1", log_to_driver=False, runtime_env=env)
     yield
     ray.shutdown()
 
@@ -219,7 +219,8 @@ def test_killed_worker_restarts_from_the_last_checkpoint_exactly(reference, tmp_
             "stage 2 did not get past its first checkpoint",
         )
         killed["committed"] = _checkpointed(run_dir, 1)
-        actors = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+        alive = [("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]
+        actors = list_actors(address=ray.get_runtime_context().gcs_address, filters=alive)  # this test's Ray
         killed["at_step"] = _progress(run_dir, 1)
         os.kill(int(actors[0].pid), signal.SIGKILL)
 

@@ -26,7 +26,7 @@ STREAM = {"num_workers": 1, "fsdp": False, "training": {"precision": "bf16", "ac
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray.init(num_cpus=2, dashboard_host="127.0.0.1", log_to_driver=False)
+    ray.init(address="local", num_cpus=2, dashboard_host="127.0.0.1", log_to_driver=False)
     yield
     ray.shutdown()
 
@@ -110,4 +110,6 @@ def test_method_override_validates_the_streams_method_args(tmp_path):
     out = CliRunner().invoke(app, ["run", str(path), "--method", "lora"])
     assert out.exit_code == 2, out.output
     assert "method 'lora' got unknown hyperparameters ['full_rank_lr']" in out.output
-    assert not (tmp_path / "run").exists()  # refused before anything started or was written
+    run_dir = tmp_path / "run"  # refused before anything was recorded or trained (the lease is released)
+    assert not (run_dir / "mlflow.db").exists() and not (run_dir / "sequences").exists()
+    assert not list((run_dir / "leases").iterdir()) and not (run_dir / "ray").exists()
