@@ -3,6 +3,7 @@ stage, and bad input that must fail before anything is trained or recorded."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -176,7 +177,8 @@ def test_killed_driver_resumes_exactly(reference, tmp_path):
         )
         committed = _checkpointed(run_dir, 1)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):  # it may have ended on its own: the asserts below say how
+            os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     assert committed in (2, 4, 6, 8, 10)
     assert len(versions_of(run_dir)) == 1  # stage 1 recorded, stage 2 interrupted
