@@ -19,21 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from gorp.memplan import fmt_bytes, plan_memory  # noqa: E402
-from gorp.memprobe import measure  # noqa: E402
-
-# SmolLM2-135M-Instruct's shape (its config.json), for a machine where the demo model is not prepared
-SMOLLM2 = {
-    "vocab_size": 49152,
-    "hidden_size": 576,
-    "intermediate_size": 1536,
-    "num_hidden_layers": 30,
-    "num_attention_heads": 9,
-    "num_key_value_heads": 3,
-    "tie_word_embeddings": True,
-    "max_position_embeddings": 8192,
-    "rope_theta": 100000.0,
-    "rms_norm_eps": 1e-5,
-}
+from gorp.memprobe import SMOLLM2, measure  # noqa: E402
 
 
 def model_spec() -> tuple[dict, object, str]:

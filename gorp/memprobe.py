@@ -64,6 +64,21 @@ TINY = {
 }
 
 
+# SmolLM2-135M-Instruct's shape (its config.json): {"llama": SMOLLM2} where the demo model is not prepared
+SMOLLM2 = {
+    "vocab_size": 49152,
+    "hidden_size": 576,
+    "intermediate_size": 1536,
+    "num_hidden_layers": 30,
+    "num_attention_heads": 9,
+    "num_key_value_heads": 3,
+    "tie_word_embeddings": True,
+    "max_position_embeddings": 8192,
+    "rope_theta": 100000.0,
+    "rms_norm_eps": 1e-5,
+}
+
+
 def build_model(spec: dict[str, Any]):
     from transformers import LlamaConfig, LlamaForCausalLM
 

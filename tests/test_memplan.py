@@ -9,23 +9,12 @@ from transformers import LlamaConfig
 
 from gorp.loop import train_step
 from gorp.memplan import memory_report, memory_warnings, plan_memory, saved_activation_bytes
-from gorp.memprobe import measure
+from gorp.memprobe import SMOLLM2, measure
 from gorp.methods import build_method
 from gorp.optim import ProjAdamW
 from tiny_models import tiny_llama
 
 TINY = tiny_llama(seed=0).config
-SMOLLM2 = {
-    "vocab_size": 49152,
-    "hidden_size": 576,
-    "intermediate_size": 1536,
-    "num_hidden_layers": 30,
-    "num_attention_heads": 9,
-    "num_key_value_heads": 3,
-    "tie_word_embeddings": True,
-    "max_position_embeddings": 8192,
-    "rope_theta": 100000.0,
-}
 
 
 def _batch(b: int, s: int) -> dict[str, torch.Tensor]:
