@@ -29,7 +29,7 @@ def batch(task: int, step: int, rank: int, world: int) -> dict[str, torch.Tensor
 def method_args(name: str) -> dict:
     common = {"lr": 3e-3}
     if name == "gorp":
-        return {**common, "full_rank_lr": 3e-3, "update_gap": 5, "rank": 4, "scale": 1.0, "lora_dropout": 0.0}
+        return {**common, "full_rank_lr": 3e-3, "update_gap": 5, "rank": 4, "scale": 1.0, "lora_dropout": 0.0, "proj_method": "svd"}
     if name == "gorp-wide":  # m < n: the left projection, the memory on the input axis, weight decay kept off it
         return {**method_args("gorp"), "full_rank_targets": ["mlp.down_proj"], "weight_decay": 0.1}
     if name == "gorp-randomized":

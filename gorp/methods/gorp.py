@@ -53,7 +53,9 @@ class GorpArgs(LoraArgs):
     rank: int = 8  # projection rank of the full-rank weights
     update_gap: int = 10  # refresh interval T
     scale: float = 0.25
-    proj_method: str = "svd"
+    # the refresh: "randomized" (range finder in float32, 2 power iterations; 0.95x AdamW's optimizer step on SmolLM2,
+    # benchmarks/results/optimizer_step_smollm2_refresh.txt) or "svd" (exact float64 eigendecomposition, 3.0x)
+    proj_method: str = "randomized"
     refresh: str = "fixed"
     adaptive_threshold: float = 0.4
     memory_threshold: float = 0.9
