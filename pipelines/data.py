@@ -54,6 +54,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CACHE_VERSION = "2"  # 2: meta.json lists each Parquet file's size and sha256
+QUARANTINE_FILE = "quarantine.jsonl"  # a cache entry's copy of the records its split skipped
 
 
 # ---------------------------------------------------------------- the tokenized cache
@@ -94,7 +95,7 @@ _STORED = ("source", "digest", "num_rows", "num_bad", "num_truncated", "max_leng
 
 def _load_entry(entry: Path, task: str, split: str, cache_hit: bool) -> PreparedSplit:
     meta = json.loads((entry / "meta.json").read_text())
-    quarantine = entry / "quarantine.jsonl"
+    quarantine = entry / QUARANTINE_FILE
     return PreparedSplit(
         task=task,
         split=split,
@@ -156,6 +157,7 @@ class _Miss:
     entry: Path
     tmp: Path
     key: dict[str, Any]
+    quarantine: Path  # where skipped records go: <quarantine_dir>/<task>.<split>.jsonl, or inside ``tmp``
     report: ValidationReport | None = None
 
 
@@ -215,7 +217,9 @@ def prepare_splits(
             _discard_if_damaged(entry)
         if not (entry / "meta.json").is_file() and all(m.entry != entry for m in misses):
             tmp = entry.with_name(f"{entry.name}.tmp-{uuid.uuid4().hex[:8]}")
-            misses.append(_Miss(task, source, digest, entry, tmp, key))
+            # skipped records go straight to the run's quarantine: a file that outlives a failure (no valid record)
+            bad = Path(quarantine_dir) / f"{task.name}.{split}.jsonl" if quarantine_dir else tmp / QUARANTINE_FILE
+            misses.append(_Miss(task, source, digest, entry, tmp, key, bad))
     hits = [(e / "meta.json").is_file() for e in entries]
     if misses:
         try:
@@ -276,9 +280,11 @@ def _build_entries(
             columns,
             labels,
             on_bad_record=m.task.on_bad_record,
-            quarantine=m.tmp / "quarantine.jsonl",
+            quarantine=m.quarantine,
             max_record_bytes=max_record_bytes,
         )
+        if m.report.num_bad and m.quarantine != m.tmp / QUARANTINE_FILE:
+            shutil.copyfile(m.quarantine, m.tmp / QUARANTINE_FILE)  # the cache entry keeps its own copy
         records, cols = m.source, columns
         if m.report.num_bad:  # Arrow cannot skip a bad line: read a clean copy of the good records instead
             records, cols = m.tmp / "records.jsonl", None

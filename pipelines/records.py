@@ -241,8 +241,8 @@ def validate_file(
         with open(quarantine, "w", encoding="utf-8") as f:
             f.writelines(json.dumps(asdict(b), ensure_ascii=False) + "\n" for b in bad)
         log.warning("%s: skipped %d bad record(s), first: %s; all in %s", path, len(bad), bad[0], quarantine)
-    if good == 0:
-        raise DataError(f"{path}: no valid record ({len(bad)} bad; see {quarantine})")
+    if good == 0:  # the first bad record here, all of them in the quarantine file (kept: the caller's path)
+        raise DataError(f"{path}: no valid record: {len(bad)} bad, the first {bad[0]}; all in {quarantine}")
     return ValidationReport(str(path), good, len(bad), Path(quarantine) if bad else None)
 
 

@@ -5,7 +5,8 @@
 - a ``trust_remote_code`` model whose module file is missing is refused naming the file;
 - a registered version whose weights changed after registration (a flipped byte, a truncated file) is refused on
   load, naming the version and the file;
-- ``pytorch_model.bin`` loads only with an explicit opt-in, with ``weights_only``.
+- ``pytorch_model.bin`` loads only with an explicit opt-in, with ``weights_only``;
+- ``on_bad_record: skip`` with no valid record names a quarantine file under ``<run_dir>/quarantine/`` that exists.
 """
 
 from __future__ import annotations
@@ -162,3 +163,39 @@ def test_pickled_weights_need_an_explicit_opt_in(tmp_path):
     torch.save({"model.embed_tokens.weight": Payload()}, folder / "pytorch_model.bin")
     with pytest.raises(Exception, match="(?i)weights_only|unsupported global"):
         load_model(folder, allow_pickle_weights=True)
+
+
+def test_no_valid_record_names_a_quarantine_file_that_exists(tmp_path):
+    """on_bad_record: skip and not one good record: the error names the first bad record and a quarantine file under
+    <run_dir>/quarantine/ that is still there afterwards (it was in a temporary folder, deleted with it)."""
+    import yaml
+
+    from pipelines.data import prepare_stream
+    from pipelines.records import DataError
+    from pipelines.spec import load_stream
+
+    path = make_stream(tmp_path, **SMALL)
+    spec = yaml.safe_load(path.read_text())
+    spec["tasks"][0]["on_bad_record"] = "skip"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    train = tmp_path / "first.train.jsonl"
+    rows = [json.loads(line) for line in train.read_text().splitlines()]
+    train.write_text("".join(json.dumps({**r, "output": "nonsense"}) + "\n" for r in rows))  # no label is valid
+    stream = load_stream(path)
+    run_dir = tmp_path / "run"
+    t = time.perf_counter()
+    with pytest.raises(DataError) as e:
+        prepare_stream(stream, tmp_path / "model", run_dir)
+    took = time.perf_counter() - t
+    quarantine = run_dir / "quarantine" / "first.train.jsonl"
+    text = str(e.value)
+    assert text == (
+        f"{train}: no valid record: {len(rows)} bad, the first {train}:1: label 'nonsense' is not among the options "
+        f"{spec['tasks'][0]['labels']}; all in {quarantine}"
+    )
+    assert quarantine.is_file()  # after the call returned, and its temporary folder is gone
+    bad = [json.loads(line) for line in quarantine.read_text().splitlines()]
+    assert [b["line"] for b in bad] == list(range(1, len(rows) + 1))
+    assert bad[0]["raw"] == train.read_text().split("\n")[0]
+    assert not list((run_dir / "cache").glob("*tmp*"))  # nothing half-built left in the cache
+    print(f"no valid record: {took:.2f} s to the message")
