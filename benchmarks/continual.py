@@ -32,6 +32,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from pipelines.sequence import Callback  # noqa: E402
+
 METHODS = ("gorp", "full", "lora", "olora", "galore", "osft", "slice")
 
 
@@ -60,6 +62,18 @@ def capped_stream(base: dict, method: str, args: dict, *, seed: int, steps: int,
     return parse_stream(data, where=f"{method} {args} seed {seed}")
 
 
+class StageLines(Callback):
+    """A line per completed stage (a pair takes minutes)."""
+
+    def __init__(self, name: str, seed: int):
+        self.name, self.seed, self.t0 = name, seed, time.perf_counter()
+
+    def on_stage_end(self, plan, result) -> None:
+        row = " ".join(f"{t[:8]} {a * 100:.0f}" for t, a in result.row.items())
+        took = time.perf_counter() - self.t0
+        print(f"    {self.name} seed {self.seed} stage {result.stage + 1}: {row} ({took:.0f} s)", flush=True)
+
+
 def run_pair(base: dict, name: str, seed: int, opts, work: Path) -> dict:
     """Train the whole stream for one (configuration, seed); the record written to its results file."""
     from pipelines.sequence import run_sequence
@@ -71,7 +85,7 @@ def run_pair(base: dict, name: str, seed: int, opts, work: Path) -> dict:
         base, method, args, seed=seed, steps=opts.steps, batch=opts.batch, eval_n=opts.eval, run_dir=run_dir
     )
     load_before, t0 = os.getloadavg()[0], time.perf_counter()
-    seq = run_sequence(stream, run_dir=run_dir, cache_dir=work / "cache")
+    seq = run_sequence(stream, run_dir=run_dir, cache_dir=work / "cache", callbacks=[StageLines(name, seed)])
     wall = time.perf_counter() - t0
     shutil.rmtree(run_dir, ignore_errors=True)  # stage models: ~0.5 GB each
     return {
