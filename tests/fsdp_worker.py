@@ -29,7 +29,15 @@ def batch(task: int, step: int, rank: int, world: int) -> dict[str, torch.Tensor
 def method_args(name: str) -> dict:
     common = {"lr": 3e-3}
     if name == "gorp":
-        return {**common, "full_rank_lr": 3e-3, "update_gap": 5, "rank": 4, "scale": 1.0, "lora_dropout": 0.0, "proj_method": "svd"}
+        return {
+            **common,
+            "full_rank_lr": 3e-3,
+            "update_gap": 5,
+            "rank": 4,
+            "scale": 1.0,
+            "lora_dropout": 0.0,
+            "proj_method": "svd",
+        }
     if name == "gorp-wide":  # m < n: the left projection, the memory on the input axis, weight decay kept off it
         return {**method_args("gorp"), "full_rank_targets": ["mlp.down_proj"], "weight_decay": 0.1}
     if name == "gorp-randomized":
@@ -39,13 +47,25 @@ def method_args(name: str) -> dict:
     raise ValueError(name)
 
 
-def run(rank: int, world: int, method_name: str, out: str, port: int) -> None:
+def run(rank: int, world: int, method_names: list[str], out: str, port: int) -> None:
+    """Each named method's sequence in turn (one process group for all: starting processes is the slow part);
+    rank 0 writes ``<out>/<method>.safetensors``."""
     sharded = world > 1
     if sharded:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
+    for name in method_names:
+        tensors = train_sequence(rank, world, name)
+        if rank == 0:
+            save_file(tensors, os.path.join(out, f"{name}.safetensors"))
+    if sharded:
+        dist.destroy_process_group()
+
+
+def train_sequence(rank: int, world: int, method_name: str) -> dict[str, torch.Tensor]:
+    sharded = world > 1
     method = build_method(method_name.split("-")[0], **method_args(method_name))
     model = tiny_llama(seed=0)
     losses = []
@@ -68,10 +88,7 @@ def run(rank: int, world: int, method_name: str, out: str, port: int) -> None:
             model.load_state_dict(plain)
         else:
             model = method.finalize(model)
-    if rank == 0:
-        tensors = {f"model/{k}": v.contiguous() for k, v in model.state_dict().items()}
-        tensors.update({f"state/{k}": v.contiguous() for k, v in method.state_tensors().items()})
-        tensors["losses"] = torch.tensor(losses)
-        save_file(tensors, out)
-    if sharded:
-        dist.destroy_process_group()
+    tensors = {f"model/{k}": v.contiguous() for k, v in model.state_dict().items()}
+    tensors.update({f"state/{k}": v.contiguous() for k, v in method.state_tensors().items()})
+    tensors["losses"] = torch.tensor(losses)
+    return tensors

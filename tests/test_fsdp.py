@@ -21,17 +21,27 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("method", ["gorp", "gorp-wide", "gorp-randomized", "galore"])
-def test_two_process_fsdp2_equals_single_process(method, tmp_path):
-    single, sharded = str(tmp_path / "single.safetensors"), str(tmp_path / "sharded.safetensors")
+METHODS = ["gorp", "gorp-wide", "gorp-randomized", "galore"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Every method's two-task sequence in one process and sharded over two, each side one spawn for all methods
+    (starting the processes costs more than the training)."""
+    single, sharded = tmp_path_factory.mktemp("single"), tmp_path_factory.mktemp("sharded")
     before = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(), torch.random.get_rng_state())
-    reference = mp.start_processes(fsdp_worker.run, args=(1, method, single, 0), nprocs=1, join=False)
-    mp.spawn(fsdp_worker.run, args=(2, method, sharded, _free_port()), nprocs=2, join=True)
+    reference = mp.start_processes(fsdp_worker.run, args=(1, METHODS, str(single), 0), nprocs=1, join=False)
+    mp.spawn(fsdp_worker.run, args=(2, METHODS, str(sharded), _free_port()), nprocs=2, join=True)
     while not reference.join():
         pass
     after = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(), torch.random.get_rng_state())
     assert before[:2] == after[:2] and torch.equal(before[2], after[2])  # nothing leaked into this process
-    a, b = load_file(single), load_file(sharded)
+    return single, sharded
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_two_process_fsdp2_equals_single_process(method, runs):
+    a, b = (load_file(str(folder / f"{method}.safetensors")) for folder in runs)
     assert a.keys() == b.keys()
     # the run really trained and (for gorp) really carried a memory
     base = fsdp_worker.tiny_llama(seed=0).state_dict()
