@@ -164,3 +164,11 @@ def test_killed_search_resumes_without_rerunning_finished_trials(tmp_path):
     assert sorted(starts[len(first) :]) == sorted(set(first[2:])), (first, starts)  # only the unfinished trial again
     rows = list(csv.DictReader(open(out / "trials.csv")))
     assert len(rows) == 3 and all(r["stages"] == "1" for r in rows)
+    # one nested run per trial: the restarted trial kept the run it had before the kill, now finished
+    stream = load_stream(stream_yaml)
+    client = MlflowClient(tracking_uri(stream))
+    exp = client.get_experiment_by_name(experiment_name(stream))
+    nested = [r for r in client.search_runs([exp.experiment_id]) if "mlflow.parentRunId" in r.data.tags]
+    names = [r.data.tags["trial_name"] for r in nested]
+    assert len(names) == 3 and all(any(n.endswith(f"_{t}") for n in names) for t in set(first)), (names, first)
+    assert {r.info.status for r in nested} == {"FINISHED"}

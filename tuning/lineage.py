@@ -11,7 +11,34 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from mlflow.tracking import MlflowClient
+from ray.air.integrations.mlflow import MLflowLoggerCallback
+
 PARENT_FILE = "search_run.json"
+
+
+class TrialRuns(MLflowLoggerCallback):
+    """Ray's ``MLflowLoggerCallback`` (a run per trial, nested under the search's), except that a trial that
+    ``Tuner.restore`` starts again keeps the run it had: Ray keeps its trial -> run map in memory only, so a resumed
+    search would otherwise give every restarted trial a second run."""
+
+    def log_trial_start(self, trial) -> None:
+        if trial not in self._trial_runs:
+            client = MlflowClient(self.tracking_uri)
+            query = f"tags.trial_name = '{trial}' and tags.`mlflow.parentRunId` = '{self.tags['mlflow.parentRunId']}'"
+            earlier = client.search_runs([self.mlflow_util.experiment_id], query, max_results=1)
+            if earlier:
+                self._trial_runs[trial] = earlier[0].info.run_id
+                client.update_run(earlier[0].info.run_id, "RUNNING")
+        super().log_trial_start(trial)
+
+
+def trial_runs_callback(stream, parent_run_id: str, search_name: str) -> TrialRuns:
+    return TrialRuns(
+        tracking_uri(stream),
+        experiment_name=experiment_name(stream),
+        tags={"mlflow.parentRunId": parent_run_id, "gorp.search": search_name},
+    )
 
 
 def tracking_uri(stream) -> str:
@@ -25,8 +52,6 @@ def experiment_name(stream) -> str:
 
 
 def _client(stream):
-    from mlflow.tracking import MlflowClient
-
     Path(stream.run_dir).mkdir(parents=True, exist_ok=True)
     return MlflowClient(tracking_uri(stream))
 

@@ -131,11 +131,10 @@ def tune_stream(stream_path, search_path, *, out_dir=None, resume: bool = False,
 def _tuner(stream, val_stream, search, out: Path, parent_run_id: str, resume: bool):
     import ray
     from ray import tune
-    from ray.air.integrations.mlflow import MLflowLoggerCallback
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    from tuning.lineage import experiment_name, tracking_uri
+    from tuning.lineage import trial_runs_callback
 
     trainable = tune.with_resources(
         tune.with_parameters(
@@ -156,11 +155,7 @@ def _tuner(stream, val_stream, search, out: Path, parent_run_id: str, resume: bo
         if sc.kind == "asha"
         else FIFOScheduler()
     )
-    mlflow_cb = MLflowLoggerCallback(
-        tracking_uri(stream),
-        experiment_name=experiment_name(stream),
-        tags={"mlflow.parentRunId": parent_run_id, "gorp.search": search.name},
-    )
+    mlflow_cb = trial_runs_callback(stream, parent_run_id, search.name)
     return tune.Tuner(
         trainable,
         param_space=search.param_space(stream.method),
