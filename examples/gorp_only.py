@@ -30,17 +30,17 @@ HPARAMS = {
 }
 
 
-def task_data(task: int):
-    g = torch.Generator().manual_seed(task)
+def task_data(task: int, seed: int = 0):
+    g = torch.Generator().manual_seed(1000 * seed + task)
     values = 64 + torch.randperm(KEYS, generator=g)  # key k -> value 64 + perm[k]
     return values
 
 
-def batches(task: int, steps: int, bs: int = 32):
-    values = task_data(task)
+def batches(task: int, steps: int, bs: int = 32, seed: int = 0):
+    values = task_data(task, seed)
 
     def gen():
-        g = torch.Generator().manual_seed(100 + task)
+        g = torch.Generator().manual_seed(1000 * seed + 100 + task)
         for _ in range(steps):
             keys = torch.randint(0, KEYS, (bs,), generator=g)
             ids = torch.stack([torch.full((bs,), 100 + task), KEYS * task + keys, values[keys]], dim=1)  # (B, 3)
@@ -52,19 +52,19 @@ def batches(task: int, steps: int, bs: int = 32):
 
 
 @torch.no_grad()
-def accuracy(model, task: int) -> float:
-    values = task_data(task)
+def accuracy(model, task: int, seed: int = 0) -> float:
+    values = task_data(task, seed)
     keys = torch.arange(KEYS)
     ids = torch.stack([torch.full((KEYS,), 100 + task), KEYS * task + keys], dim=1)
     pred = model(input_ids=ids).logits[:, -1].argmax(-1)
     return float((pred == values).float().mean())
 
 
-def small_llama():
+def small_llama(seed: int = 0):
     """A small randomly initialized LLaMA-config causal LM (2 blocks of width 64)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     cfg = LlamaConfig(
         vocab_size=VOCAB,
         hidden_size=64,
@@ -78,15 +78,14 @@ def small_llama():
     return LlamaForCausalLM(cfg).float()
 
 
-def run(name: str, steps: int) -> dict:
-    torch.manual_seed(0)
-    model = small_llama()
-    method = build_method(name, **HPARAMS[name])
+def run(name: str, steps: int, seed: int = 0, hparams: dict | None = None) -> dict:
+    model = small_llama(seed)
+    method = build_method(name, **(HPARAMS[name] if hparams is None else hparams))
     matrix = []
     for t in range(N_TASKS):
-        model, _ = run_task(model, method, t, batches(t, steps))
+        model, _ = run_task(model, method, t, batches(t, steps, seed=seed))
         model.eval()
-        matrix.append([accuracy(model, i) if i <= t else None for i in range(N_TASKS)])
+        matrix.append([accuracy(model, i, seed) if i <= t else None for i in range(N_TASKS)])
     return {"matrix": matrix, **summarize(matrix)}
 
 
