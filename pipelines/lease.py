@@ -25,7 +25,8 @@ Atomicity, by storage:
   S3 with boto3 where this matters.
 
 A holder that loses its lease (taken over after it stalled past ``ttl_s``) sees ``lease.lost`` set at its next
-heartbeat; it never overwrites the new holder's file.
+heartbeat; it never overwrites the new holder's file. ``lease.held()`` reads the lease now, for a check that cannot
+wait for a heartbeat (before recording work as the holder's); :class:`LeaseLost` is what a holder raises then.
 """
 
 from __future__ import annotations
@@ -50,6 +51,14 @@ class LeaseHeld(RuntimeError):
         self.name = name
         state = "live" if holder.alive else "dead (take it over with takeover/--resume)"
         super().__init__(f"{name or 'lease'} is held by {holder.describe()}, {state}")
+
+
+class LeaseLost(RuntimeError):
+    """The lease was taken over (``.holder``: the new holder) or removed (``.holder`` None) while it was held."""
+
+    def __init__(self, message: str, holder: Holder | None):
+        super().__init__(message)
+        self.holder = holder
 
 
 @dataclass(frozen=True)
@@ -147,6 +156,19 @@ class Lease:
             elif (self._backend.read()[0] or current).token != self.holder.token:
                 self.lost.set()  # taken over while we stalled
                 return
+
+    def held(self) -> bool:
+        """Whether the lease still names this holder, read now rather than at the last heartbeat; sets ``lost``
+        when it does not."""
+        if not self.lost.is_set():
+            current, _ = self._backend.read()
+            if current is None or current.token != self.holder.token:
+                self.lost.set()
+        return not self.lost.is_set()
+
+    def current(self) -> Holder | None:
+        """Who holds the lease now (after a loss: the new holder, or None when the file is gone)."""
+        return self._backend.read()[0]
 
     def release(self) -> None:
         self._stop.set()

@@ -5,6 +5,7 @@ the key, file or address to change.
     check_batches(stream, {"first": 32})     # a task with fewer training rows than one global batch
     check_remote_code(model_folder, True)    # trust_remote_code: every module config.json's auto_map names is there
     check_resources(stream)                  # the Ray cluster can place the worker group (after Ray starts)
+    start_budget()                           # how long Ray Train may take to start the worker group, then its error
 
 Each raises :class:`PreflightError` (a ValueError), whose text is one or two lines.
 """
@@ -12,6 +13,7 @@ Each raises :class:`PreflightError` (a ValueError), whose text is one or two lin
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 import urllib.error
@@ -20,6 +22,7 @@ from pathlib import Path
 
 TRACKING_TIMEOUT_S = 5.0
 WAIT_FOR_WORKERS_ENV = "GORP_WAIT_FOR_WORKERS_S"  # how long an autoscaling cluster may take to grow (default 600)
+START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"  # Ray Train's wait for one worker-group start (60 s)
 
 
 class PreflightError(ValueError):
@@ -94,31 +97,66 @@ def _placeable(nodes: list[dict], per_worker: dict[str, float]) -> int:
     return total
 
 
-def check_resources(stream, say=print, wait_s: float | None = None) -> None:
+def wait_limit_s() -> float:
+    """How long the worker group may take to start (``$GORP_WAIT_FOR_WORKERS_S``, default 600 s)."""
+    return float(os.environ.get(WAIT_FOR_WORKERS_ENV, 600))
+
+
+_START_TIMEOUT_SET: list[str] = []  # the value start_budget put in the environment (a user's own value wins)
+
+
+def start_budget() -> tuple[float, int]:
+    """Ray Train's worker-group start timeout per attempt and its ``FailureConfig.controller_failure_limit``, such
+    that a worker group that cannot start ends the fit with Ray Train's own error once ``wait_limit_s()`` has passed.
+    Ray's default retries a start that timed out or failed forever, in its controller's log only (a driver started
+    with ``log_to_driver=False`` shows nothing). A user's ``$RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S`` is kept; ours is
+    put in the environment, which ``fit()`` passes on to the controller."""
+    wait, theirs = wait_limit_s(), os.environ.get(START_TIMEOUT_ENV)
+    if theirs and theirs not in _START_TIMEOUT_SET:
+        per_try = float(theirs)
+    else:
+        per_try = min(60.0, wait)
+        os.environ[START_TIMEOUT_ENV] = f"{per_try:g}"
+        _START_TIMEOUT_SET.append(os.environ[START_TIMEOUT_ENV])
+    return per_try, max(0, math.ceil(wait / max(per_try, 1e-3)) - 1)
+
+
+def _asked(sc) -> tuple[dict[str, float], str]:
+    per_worker = {"CPU": float(sc.cpus_per_worker)} | ({"GPU": 1.0} if sc.use_gpu else {})
+    return per_worker, ", ".join(f"{v:g} {k}" for k, v in per_worker.items())
+
+
+def worker_group_asks(stream) -> str:
+    """What the stream asks of the cluster, naming the keys."""
+    sc = stream.scaling
+    return (
+        f"scaling.num_workers {sc.num_workers} workers x ({_asked(sc)[1]}) each (scaling.cpus_per_worker, "
+        "scaling.use_gpu)"
+    )
+
+
+def check_resources(stream, say=print) -> None:
     """The worker group (``scaling.num_workers`` x ``scaling.cpus_per_worker`` CPUs, and a GPU each with
     ``use_gpu``) must fit the Ray cluster. A local Ray cannot grow: an error at once. An attached cluster
-    (``RAY_ADDRESS``) may autoscale: it is waited for, visibly, up to ``$GORP_WAIT_FOR_WORKERS_S`` (600 s)."""
+    (``RAY_ADDRESS``) may autoscale, but only on demand: the nodes come for the worker group's placement group, which
+    Ray Train requests, not for a driver that watches ``ray.nodes()``. So this says that it waits, and Ray Train
+    waits, up to ``$GORP_WAIT_FOR_WORKERS_S`` (:func:`start_budget`); then its error ends the run."""
     import ray
 
     sc = stream.scaling
-    per_worker = {"CPU": float(sc.cpus_per_worker)} | ({"GPU": 1.0} if sc.use_gpu else {})
-    asked = ", ".join(f"{v:g} {k}" for k, v in per_worker.items())
-    can_grow = bool(os.environ.get("RAY_ADDRESS"))
-    limit = float(os.environ.get(WAIT_FOR_WORKERS_ENV, 600)) if wait_s is None else wait_s
-    t0 = time.monotonic()
-    while True:
-        nodes = [n for n in ray.nodes() if n.get("Alive")]
-        placeable = _placeable(nodes, per_worker)
-        if placeable >= sc.num_workers:
-            return
-        have = ", ".join(f"{v:g} {k}" for k, v in sorted(ray.cluster_resources().items()) if k in per_worker)
-        what = (
-            f"scaling.num_workers {sc.num_workers} workers x ({asked}) each (scaling.cpus_per_worker, "
-            f"scaling.use_gpu); the Ray cluster has {have or 'none'} on {len(nodes)} node(s): {placeable} worker(s) fit"
-        )
-        waited = time.monotonic() - t0
-        if not can_grow or waited >= limit:
-            why = "a local Ray cannot grow" if not can_grow else f"waited {waited:.0f} s ({WAIT_FOR_WORKERS_ENV})"
-            raise PreflightError(f"{what}; {why}: lower scaling.num_workers or scaling.cpus_per_worker")
-        say(f"waiting for {sc.num_workers} workers ({waited:.0f} s of {limit:.0f} s): {what}")
-        time.sleep(min(10.0, max(limit - waited, 0.1)))
+    per_worker, _ = _asked(sc)
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    placeable = _placeable(nodes, per_worker)
+    if placeable >= sc.num_workers:
+        return
+    have = ", ".join(f"{v:g} {k}" for k, v in sorted(ray.cluster_resources().items()) if k in per_worker)
+    what = (
+        f"{worker_group_asks(stream)}; the Ray cluster has {have or 'none'} on {len(nodes)} node(s): "
+        f"{placeable} worker(s) fit"
+    )
+    if not os.environ.get("RAY_ADDRESS"):
+        raise PreflightError(f"{what}; a local Ray cannot grow: lower scaling.num_workers or scaling.cpus_per_worker")
+    say(
+        f"waiting up to {wait_limit_s():.0f} s ({WAIT_FOR_WORKERS_ENV}) for {sc.num_workers} workers, which Ray "
+        f"Train asks the cluster's autoscaler for: {what}"
+    )

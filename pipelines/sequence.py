@@ -190,11 +190,13 @@ def _trainer(plan: SequencePlan, config: dict[str, Any]):
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    from pipelines.preflight import start_budget
     from pipelines.worker import sequence_loop
 
     sc, tc = plan.stream.scaling, plan.stream.training
     storage_path, filesystem = storage.ray_storage(storage.join(plan.storage, "ray"))
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", CONTROLLER_POLL_S)  # read by fit(), passed on
+    _, start_retries = start_budget()  # a worker group that cannot start ends the fit (Ray: retried forever)
     return TorchTrainer(
         sequence_loop,
         train_loop_config=config,
@@ -205,7 +207,9 @@ def _trainer(plan: SequencePlan, config: dict[str, Any]):
             name=f"{plan.stream.name}-{plan.sequence_id}",  # deterministic: a resumed driver finds the checkpoints
             storage_path=storage_path,
             storage_filesystem=filesystem,
-            failure_config=ray.train.FailureConfig(max_failures=tc.max_failures),
+            failure_config=ray.train.FailureConfig(
+                max_failures=tc.max_failures, controller_failure_limit=start_retries
+            ),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         ),
         datasets={f"train_{t}": plan.prepared[t].train for t in range(plan.start, len(plan.tasks))},
@@ -362,7 +366,7 @@ def run_sequence(
         if plan.start + len(done) < len(plan.tasks):
             failed = plan.start + len(done)
             _notify(callbacks, "on_failure", plan, failed, fit.error)
-            raise _failure(plan, failed, fit.error)
+            raise _failure(plan, failed, fit.error) from fit.error  # the log file gets Ray's whole text
     result = plan.result(done)
     result.timings = plan.timings
     _notify(callbacks, "on_end", plan, result)
@@ -381,7 +385,48 @@ def _eval_sets(plan: SequencePlan) -> dict[str, dict]:
 
 
 def _failure(plan: SequencePlan, stage: int, error: BaseException | None) -> StageFailed:
-    cause = getattr(error, "__cause__", None) or error
-    text = str(cause).strip()[-2000:] if cause else "the worker group ended before the stage completed"
+    """One line of what Ray Train said (the whole error stays chained to the StageFailed, for the run's log)."""
+    text = _ray_train_says(plan, error) if error is not None else "the worker group ended before the stage completed"
     earlier = f"stages 1-{stage} stay complete and promotable; " if stage else ""
     return StageFailed(f"stage {stage + 1}/{len(plan.tasks)} ({plan.tasks[stage]}) failed: {text}\n{earlier}")
+
+
+# where Ray Train's controller messages turn from what happened to generic advice (its own knobs, not gorp's)
+_RAY_ADVICE = ("Potential causes include", "Set the RAY_", "Please reduce")
+
+
+def _ray_train_says(plan: SequencePlan, error: BaseException) -> str:
+    """A controller error (the worker group did not start) as its message without Ray's generic advice, plus which
+    keys to change; a worker group error as each distinct worker error's last line, with its ranks."""
+    from ray.train import ControllerError, WorkerGroupError
+
+    from pipelines.preflight import WAIT_FOR_WORKERS_ENV, wait_limit_s, worker_group_asks
+
+    if isinstance(error, ControllerError):
+        cause = error.controller_failure
+        said = " ".join(str(cause).split())
+        for marker in _RAY_ADVICE:
+            said = said.split(marker)[0].strip()
+        return (
+            f"the worker group did not start. Ray Train: {said.rstrip('.')} ({type(cause).__name__}). It asked for "
+            f"{worker_group_asks(plan.stream)}: lower them, or raise {WAIT_FOR_WORKERS_ENV} (now "
+            f"{wait_limit_s():g} s) for a cluster that scales up"
+        )
+    if isinstance(error, WorkerGroupError) and error.worker_failures:
+        ranks: dict[str, list[str]] = {}
+        for rank, failure in sorted(error.worker_failures.items()):
+            ranks.setdefault(_last_line(failure), []).append(str(rank))
+        return "; ".join(f"rank {','.join(r)}: {line}" for line, r in ranks.items())
+    return _last_line(getattr(error, "__cause__", None) or error)
+
+
+def _last_line(error: BaseException) -> str:
+    """A traceback's last line (``Type: message``), else ``Type: `` and the message's first line; at most 400
+    characters."""
+    text = str(error).strip()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if "Traceback (most recent call last)" in text:
+        line = lines[-1]
+    else:
+        line = f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+    return line if len(line) <= 400 else line[:400] + " ..."

@@ -7,7 +7,12 @@ or lost:
   the live run (host, pid); with the database there, ``--resume`` of the live sequence is refused; the live run
   killed, its lease left behind, ``--resume`` takes over and finishes: exactly T versions;
 - Ctrl-C: the MLflow runs are KILLED, the message says where the run stands and how to resume, and ``--resume``
-  finishes with exactly T versions and one run per stage.
+  finishes with exactly T versions and one run per stage;
+- a worker group that cannot start (an attached cluster that never gets the workers) ends, once
+  GORP_WAIT_FOR_WORKERS_S has passed, with one line of what Ray Train said, its whole text in the run's log;
+- a failed start (a listener that breaks, a worker that dies at setup) leaves no run RUNNING and hides no complete
+  sequence: a failed --restart is passed over, a failed continuation leaves the sequence FINISHED;
+- a run whose lease is taken over mid-stage stops before the stage is registered, naming the new holder.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from mlflow import MlflowClient
 from pipeline_fixtures import make_stream
 from pipelines.lease import Lease
 from pipelines.registry import tracking_uri_for
+from pipelines.sequence import Callback
 from pipelines.spec import load_stream
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -241,3 +247,144 @@ def test_ctrl_c_marks_the_runs_killed_and_resume_finishes(tmp_path):
     assert parent.info.status == "FINISHED"
     assert sorted((r.data.tags["gorp.stage"], r.info.status) for r in runs) == [("0", "FINISHED"), ("1", "FINISHED")]
     assert stage1.stat().st_mtime_ns == before  # stage 1 was not trained again
+
+
+def _runs(run_dir: Path, kind: str) -> list:
+    client = MlflowClient(tracking_uri_for(run_dir, None))
+    exp = client.get_experiment_by_name("tiny-stream")
+    runs = client.search_runs([exp.experiment_id], f"tags.`gorp.kind` = '{kind}'", order_by=["attributes.start_time"])
+    return runs
+
+
+def test_a_worker_group_that_cannot_start_ends_with_what_ray_train_said(local_ray, tmp_path, monkeypatch):
+    """An attached cluster (RAY_ADDRESS) that never gets the workers: gorp says it waits, Ray Train waits for the
+    worker group up to GORP_WAIT_FOR_WORKERS_S, and the run ends with one line of Ray Train's error; its whole text
+    (and traceback) goes to the run's log."""
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+
+    monkeypatch.setenv("RAY_ADDRESS", ray.get_runtime_context().gcs_address)  # attached: it may grow, so it waits
+    monkeypatch.setenv("GORP_WAIT_FOR_WORKERS_S", "4")
+    monkeypatch.delenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", raising=False)  # restored after the test
+    path = make_stream(tmp_path, num_workers=4, fsdp=False, max_steps=4, tasks=["first"])
+    got: dict = {}
+
+    def go():
+        t = time.perf_counter()
+        got["out"] = CliRunner().invoke(app, ["run", str(path)])
+        got["s"] = time.perf_counter() - t
+
+    thread = threading.Thread(target=go, daemon=True)
+    thread.start()
+    thread.join(timeout=180)
+    assert not thread.is_alive(), "Ray Train retries the worker group's start forever"
+    out = got["out"]
+    assert out.exit_code == 1, out.output
+    text = _one_line(out.output)
+    assert (
+        "waiting up to 4 s (GORP_WAIT_FOR_WORKERS_S) for 4 workers, which Ray Train asks the cluster's autoscaler "
+        "for: scaling.num_workers 4 workers x (1 CPU) each" in text
+    )
+    assert (
+        "error: stage 1/1 (first) failed: the worker group did not start. Ray Train: The worker group startup timed "
+        "out after 4.0 seconds waiting for 4 workers (WorkerGroupStartupTimeoutError). It asked for "
+        "scaling.num_workers 4 workers x (1 CPU) each (scaling.cpus_per_worker, scaling.use_gpu): lower them, or "
+        "raise GORP_WAIT_FOR_WORKERS_S (now 4 s) for a cluster that scales up" in text
+    ), out.output
+    assert "Traceback" not in out.output and "Potential causes" not in out.output
+    log = (tmp_path / "run" / "gorp.log").read_text()
+    assert "Traceback" in log and "ControllerError" in log and "Potential causes include" in log  # Ray's whole text
+    print(f"worker group never started: {got['s']:.1f} s to the message (GORP_WAIT_FOR_WORKERS_S=4)")
+    assert [r.info.status for r in _runs(tmp_path / "run", "sequence")] == ["FAILED"]
+    assert _versions(tmp_path / "run") == []
+
+
+class _FailsAtStart(Callback):
+    """A listener that breaks as the run starts (after the recorder opened the parent run)."""
+
+    def on_start(self, plan):
+        raise RuntimeError("listener broke at start")
+
+
+def test_a_failed_start_hides_no_complete_sequence(local_ray, tmp_path):
+    """A run that fails before it completes a stage leaves no run RUNNING and no parent that hides the complete
+    sequence: a failed --restart is passed over by a plain run; a failed continuation (a worker that dies at setup)
+    leaves the sequence FINISHED, and a plain run continues it. The worker's error is one line."""
+    from pipelines.lineage import Lineage
+    from pipelines.run import _plan, run_stream
+    from pipelines.sequence import StageFailed, identity
+
+    run_dir = tmp_path / "run"
+    one = load_stream(make_stream(tmp_path, max_steps=4, **{**SMALL, "tasks": ["first"]}))
+    done = run_stream(one)
+    assert [s.task for s in done.stages] == ["first"]
+    with pytest.raises(RuntimeError, match="listener broke at start"):
+        run_stream(one, restart=True, callbacks=[_FailsAtStart()])
+    assert [r.info.status for r in _runs(run_dir, "sequence")] == ["FINISHED", "FAILED"]  # not RUNNING
+    again = run_stream(one)  # the failed restart is newer; the complete sequence is what a plain run finds
+    assert again.sequence_id == done.sequence_id and [s.task for s in again.stages] == ["first"]
+
+    class DiesAtSetup:
+        def after_build(self, stage, model, method):
+            raise RuntimeError(f"stage {stage + 1}: cannot build the model on this node")
+
+        def after_step(self, stage, task, step, loss):
+            return loss
+
+    two = load_stream(make_stream(tmp_path, max_steps=4, **SMALL))  # "second" appended: continues the sequence
+    with pytest.raises(StageFailed) as e:
+        run_stream(two, hooks=DiesAtSetup())
+    assert str(e.value).splitlines()[0] == (
+        "stage 2/2 (second) failed: rank 0: RuntimeError: stage 2: cannot build the model on this node"
+    )
+    assert "Traceback" in "".join(__import__("traceback").format_exception(e.value))  # the log file's text
+    parents, stages = _runs(run_dir, "sequence"), _runs(run_dir, "stage")
+    assert [r.info.status for r in parents] == ["FINISHED", "FAILED"]
+    assert [(r.data.tags["gorp.stage"], r.info.status) for r in stages] == [("0", "FINISHED"), ("1", "FAILED")]
+    assert [v.tags["task"] for v in _versions(run_dir)] == ["first"]
+    lin = Lineage(tracking_uri_for(run_dir, None), None)
+    said: list[str] = []
+    reopen, sequence_id, history, before = _plan(lin, two, identity(two), resume=False, restart=False, say=said.append)
+    assert (reopen, sequence_id, before) == (parents[0].info.run_id, done.sequence_id, "FINISHED")
+    assert [h.task for h in history] == ["first"] and said[0].startswith("continuing tiny-stream")
+
+
+def test_a_run_that_loses_its_lease_stops_and_registers_nothing_more(local_ray, tmp_path):
+    """The lease is taken over while stage 2 runs (its file names another holder): the run stops before the
+    recorder sees stage 2, registers no version for it, leaves the lease file and the parent run to the new holder,
+    and says who holds it now."""
+    from dataclasses import asdict
+
+    from pipelines.lease import Holder, LeaseLost
+    from pipelines.run import run_stream
+
+    run_dir = tmp_path / "run"
+    stream = load_stream(make_stream(tmp_path, max_steps=4, **SMALL))
+    now = time.time()
+    thief = Holder("elsewhere", 4242, now, now, "gorp run tiny-stream --resume", 60.0, "f" * 32)
+
+    class TakeOver(Callback):  # after the recorder: stage 1 is registered; at stage 2's last step, another takes over
+        def on_progress(self, plan, stage, row):
+            if stage == 1 and row["step"] == plan.steps[1]:
+                (lease_file,) = run_dir.glob("leases/*.json")
+                tmp = lease_file.with_suffix(".steal")
+                tmp.write_text(json.dumps(asdict(thief)))
+                os.replace(tmp, lease_file)
+
+    with pytest.raises(LeaseLost) as e:
+        run_stream(stream, callbacks=[TakeOver()])
+    (lease_file,) = run_dir.glob("leases/*.json")
+    assert str(e.value).startswith(
+        f"tiny-stream: this run lost the sequence's lease ({lease_file}): taken over by gorp run tiny-stream "
+        "--resume (host elsewhere, pid 4242, since "
+    )
+    assert str(e.value).endswith(
+        "). It stopped at stage 2/2 (second) and records nothing more; the sequence is the new holder's"
+    )
+    assert e.value.holder == thief
+    assert [v.tags["task"] for v in _versions(run_dir)] == ["first"]  # stage 2 was not registered
+    assert json.loads(lease_file.read_text())["token"] == thief.token  # neither overwritten nor released
+    (parent,) = _runs(run_dir, "sequence")
+    stages = [(r.data.tags["gorp.stage"], r.info.status) for r in _runs(run_dir, "stage")]
+    assert parent.info.status == "RUNNING" and stages == [("0", "FINISHED"), ("1", "KILLED")]
