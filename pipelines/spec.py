@@ -281,24 +281,25 @@ class Plan:
     tasks: list[TaskPlan] = field(default_factory=list)
 
     def __rich__(self):
+        from rich import box
         from rich.table import Table
 
         s = self.stream
         table = Table(
-            title=f"{s.name}: {s.method} on {s.model}, {len(s.tasks)} task(s), {s.scaling.num_workers} worker(s)"
+            box=box.SIMPLE_HEAD,
+            title=f"{s.name}: {s.method} on {s.model}, {len(s.tasks)} task(s), {s.scaling.num_workers} worker(s)",
+            caption="train/val/test: records; bad: skipped; prompt: tokens, mean / max",
         )
-        for col in ("task", "#train", "#val", "#test", "#bad", "labels", "est. prompt tokens"):
-            table.add_column(col, justify="right" if col.startswith(("#", "est")) else "left")
+        # one line a task at 80 columns: the label list is cut (with an ellipsis) before anything wraps
+        for col in ("task", "train", "val", "test", "bad", "prompt"):
+            table.add_column(col, justify="left" if col == "task" else "right", no_wrap=True, min_width=len(col))
+        table.add_column("labels", no_wrap=True, overflow="ellipsis", max_width=24)
         for t in self.tasks:
-            labels = (
-                "-"
-                if not t.labels
-                else f"{len(t.labels)}: " + ", ".join(t.labels[:4]) + (", ..." if len(t.labels) > 4 else "")
-            )
-            tokens = "-" if t.prompt_tokens is None else f"mean {t.prompt_tokens[0]:.0f}, max {t.prompt_tokens[1]}"
+            labels = "-" if not t.labels else f"{len(t.labels)}: " + ", ".join(t.labels)
+            tokens = "-" if t.prompt_tokens is None else f"{t.prompt_tokens[0]:.0f} / {t.prompt_tokens[1]}"
             if t.num_over:
                 tokens += f" ({t.num_over} over {t.max_source_tokens})"
-            table.add_row(t.name, *(str(t.counts.get(k, "-")) for k in SPLITS), str(t.num_bad), labels, tokens)
+            table.add_row(t.name, *(str(t.counts.get(k, "-")) for k in SPLITS), str(t.num_bad), tokens, labels)
         return table
 
 

@@ -177,7 +177,7 @@ def test_skip_mode_counts_and_plan_prints(tmp_path):
     console = Console(record=True, width=140)
     console.print(plan)
     text = console.export_text()
-    assert "a" in text and "2: no, yes" in text and "#train" in text
+    assert "a" in text and "2: no, yes" in text and "train" in text
 
 
 def test_token_estimate_with_a_tokenizer(tmp_path):

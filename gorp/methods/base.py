@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, ClassVar
@@ -197,7 +198,9 @@ def add_lora(model: nn.Module, modules: Iterable[str], r: int, alpha: float, dro
     from peft import LoraConfig, get_peft_model
 
     cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=sorted(modules), bias="none")
-    return get_peft_model(model, cfg)
+    with warnings.catch_warnings():  # PEFT reads a property Transformers 5 deprecated: nothing a user can act on
+        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+        return get_peft_model(model, cfg)
 
 
 def lora_pairs(model: nn.Module) -> dict[str, tuple[nn.Parameter, nn.Parameter]]:
@@ -208,4 +211,3 @@ def lora_pairs(model: nn.Module) -> dict[str, tuple[nn.Parameter, nn.Parameter]]
             if part in name:
                 out.setdefault(strip_peft(name.split(part)[0]), [None, None])[idx] = p
     return {k: (a, b) for k, (a, b) in out.items()}
-
