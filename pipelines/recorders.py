@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -64,14 +65,19 @@ class ResultsWriter(Callback):
 
 
 class ProgressDisplay(Callback):
-    """One rich progress bar per stage: steps, loss, tokens/s, elapsed and remaining time."""
+    """One rich progress bar per stage: steps, loss, tokens/s, elapsed and remaining time. Where the output is not a
+    terminal (a file, CI, a Ray job's or a pod's log) a bar would show only at the end: there, a plain line at each
+    stage's start and every fifth of its steps instead."""
 
     def __init__(self, console):
         self.console, self.progress, self.bars = console, None, {}
+        self.plain = not console.is_terminal
 
     def on_start(self, plan: SequencePlan) -> None:
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+        if self.plain:
+            return
         columns = [TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}")]
         columns += [TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}")]
         # the driver shares the cores with the training worker: a step takes seconds on CPU, so four redraws a
@@ -81,14 +87,25 @@ class ProgressDisplay(Callback):
 
     def on_stage_start(self, plan: SequencePlan, stage: int) -> None:
         label = f"stage {stage + 1}/{len(plan.tasks)}: {plan.tasks[stage]}"
+        if self.plain:
+            self.bars[stage] = time.monotonic()
+            self.console.print(f"{label}: {plan.steps[stage]} steps", highlight=False)
+            return
         self.bars[stage] = self.progress.add_task(label, total=plan.steps[stage], info="start")
 
     def on_progress(self, plan: SequencePlan, stage: int, row: dict[str, float]) -> None:
         info = f"loss {row['loss']:.3f}  {row['tokens_per_s']:.0f} tok/s"
+        if self.plain:
+            total, step = plan.steps[stage], int(row["step"])
+            if step == total or step % max(1, total // 5) == 0:
+                took = time.monotonic() - self.bars[stage]
+                self.console.print(f"  step {step}/{total}  {info}  {took:.0f} s", highlight=False)
+            return
         self.progress.update(self.bars[stage], completed=row["step"], info=info)
 
     def on_stage_end(self, plan: SequencePlan, result: StageResult) -> None:
-        self.progress.update(self.bars[result.stage], completed=plan.steps[result.stage], info="done")
+        if not self.plain:
+            self.progress.update(self.bars[result.stage], completed=plan.steps[result.stage], info="done")
 
     def _stop(self) -> None:
         if self.progress is not None:

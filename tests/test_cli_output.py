@@ -30,6 +30,8 @@ def test_the_terminal_holds_gorps_lines_and_the_log_holds_the_rest(tmp_path):
     printed = out.stdout + out.stderr
     log = tmp_path / "run" / "gorp.log"
     assert f"log: {log}" in printed and "registered tiny-stream version 1" in printed
+    # not a terminal: progress comes as plain lines (a bar would show only at the end)
+    assert "stage 1/1: first: 2 steps" in printed and re.search(r"step 2/2  loss \d+\.\d{3}", printed)
     assert not NOISE.search(printed), NOISE.search(printed)
     text = log.read_text()
     assert "Started a local Ray instance" in text and "WARNING" in text and "Creating initial MLflow" in text
