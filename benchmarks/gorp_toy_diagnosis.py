@@ -2,11 +2,12 @@
 
     python benchmarks/gorp_toy_diagnosis.py [--seed 0] [--steps 120] [--set adapter_init=orthogonal ...]
 
-Trains task 0 with GORP (the example's settings), then task 1, and before task 1's adapter is merged measures, for each
-trained matrix: how much of the task-1 update lies inside the task-0 basis on the memory's axis (should be ~0), how
-much it changes the matrix's output on task 0's inputs (relative to the output itself), how much of task 0's input
-energy the memory's input-side basis covers, and the memory's size against the axis it lives on. Then task 0's
-accuracy with task 1's updates switched on one kind at a time (full-rank gate_proj vs the LoRA product B A).
+Trains task 0 with GORP (``BASE`` of gorp_toy_settings.py: the example's former settings, LoRA rank 8), then
+task 1, and before task 1's adapter is merged measures, for each trained matrix: how much of the task-1 update lies
+inside the task-0 basis on the memory's axis (should be ~0), how much it changes the matrix's output on task 0's
+inputs (relative to the output itself), how much of task 0's input energy the memory's input-side basis covers, and
+the memory's size against the axis it lives on. Then task 0's accuracy with task 1's updates switched on one kind at
+a time (full-rank gate_proj vs the LoRA product B A), and the memory after task 1.
 CPU, one thread, a few seconds.
 """
 
@@ -23,6 +24,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "examples"))
 
 import gorp_only as ex  # noqa: E402
+from gorp_toy_settings import BASE  # noqa: E402
 
 from gorp.loop import run_task, train_task  # noqa: E402
 from gorp.methods import build_method  # noqa: E402
@@ -106,7 +108,7 @@ def main() -> None:
     ap.add_argument("--set", nargs="*", default=[], help="gorp hyperparameters KEY=VALUE over the example's")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    hp = {**ex.HPARAMS["gorp"], **parse_sets(args.set)}
+    hp = {**BASE["gorp"], **parse_sets(args.set)}
     seed = args.seed
     model = ex.small_llama(seed)
     method = build_method("gorp", **hp)
@@ -135,6 +137,8 @@ def main() -> None:
             f"{r['d_out_old']:>10.3f}{r['d_out_new']:>10.3f}"
         )
     ablation(model, before, seed)
+    method.end_task(model, opt)
+    print("\nmemory after task 1 (directions):", method.memory.dims())
 
 
 @torch.no_grad()

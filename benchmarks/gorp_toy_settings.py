@@ -2,7 +2,8 @@
 
     python benchmarks/gorp_toy_settings.py [--seeds 0,1,2] [--steps 120] [--only NAME,...]
 
-Each setting is a method and the hyperparameters that differ from the example's (``HPARAMS``); a seed changes the
+Each setting is a method and the hyperparameters that differ from ``BASE`` (the example's settings before it took
+rank 32: LoRA rank 8, memory at 90% energy, Kaiming A); a seed changes the
 model's initialization, the tasks' key -> value permutations and the batches. Prints one line per (setting, seed) as it
 finishes and a table of mean and standard deviation. CPU, one thread.
 """
@@ -23,6 +24,12 @@ sys.path.insert(0, str(ROOT / "examples"))
 
 import gorp_only as ex  # noqa: E402
 
+BASE = {
+    "full": {"lr": 2e-3},
+    "lora": {"lr": 5e-3, "lora_dropout": 0.0},
+    "olora": {"lr": 5e-3, "lora_dropout": 0.0},
+    "gorp": {"lr": 5e-3, "full_rank_lr": 2e-3, "lora_dropout": 0.0, "scale": 1.0, "update_gap": 10},
+}
 SETTINGS: dict[str, tuple[str, dict]] = {
     "full": ("full", {}),
     "lora": ("lora", {}),
@@ -35,6 +42,24 @@ SETTINGS: dict[str, tuple[str, dict]] = {
     "gorp thr 0.99": ("gorp", {"memory_threshold": 0.99}),
     "gorp orth thr 0.99": ("gorp", {"adapter_init": "orthogonal", "memory_threshold": 0.99}),
     "gorp scale 0.25": ("gorp", {"scale": 0.25}),
+    # rank 32 (alpha 128: the same LoRA scaling 4): room for up to 32 input directions per matrix and task
+    "lora r32": ("lora", {"lora_r": 32, "lora_alpha": 128.0}),
+    "gorp r32": ("gorp", {"lora_r": 32, "lora_alpha": 128.0}),
+    "gorp r32 orth": ("gorp", {"lora_r": 32, "lora_alpha": 128.0, "adapter_init": "orthogonal"}),
+    "gorp r32 orth 0.99": (
+        "gorp",
+        {"lora_r": 32, "lora_alpha": 128.0, "adapter_init": "orthogonal", "memory_threshold": 0.99},
+    ),
+    "gorp r32 orth 0.999": (
+        "gorp",
+        {"lora_r": 32, "lora_alpha": 128.0, "adapter_init": "orthogonal", "memory_threshold": 0.999},
+    ),
+    "gorp r32 0.99": ("gorp", {"lora_r": 32, "lora_alpha": 128.0, "memory_threshold": 0.99}),
+    "lora r64": ("lora", {"lora_r": 64, "lora_alpha": 256.0}),
+    "gorp r64 orth 0.99": (
+        "gorp",
+        {"lora_r": 64, "lora_alpha": 256.0, "adapter_init": "orthogonal", "memory_threshold": 0.99},
+    ),
 }
 
 
@@ -58,7 +83,7 @@ def main() -> None:
         res = []
         for seed in seeds:
             t0 = time.process_time()
-            r = ex.run(method, args.steps, seed, {**ex.HPARAMS[method], **over})
+            r = ex.run(method, args.steps, seed, {**BASE[method], **over})
             diag = [r["matrix"][i][i] for i in range(ex.N_TASKS)]
             print(
                 f"{name:<20} seed {seed}: AA {r['aa']:.3f} BWT {r['bwt']:+.3f} R[i][i] {diag} "
