@@ -137,8 +137,23 @@ def main() -> None:
             f"{r['d_out_old']:>10.3f}{r['d_out_new']:>10.3f}"
         )
     ablation(model, before, seed)
+    moments_inside(method, opt)
     method.end_task(model, opt)
     print("\nmemory after task 1 (directions):", method.memory.dims())
+
+
+@torch.no_grad()
+def moments_inside(method, opt) -> None:
+    """Share of each task-1 final first moment's energy inside the task-0 basis: the GPM rule's 'projected' term.
+
+    The moments are built from gradients the optimizer already removed the basis from, so this is ~0 and the GPM rule
+    (add residual directions up to the threshold of the total) picks what the energy rule picks.
+    """
+    print("\ntask 1's final first moment: share of its energy inside the task-0 basis (what the GPM rule tests):")
+    for name, p, g in opt.named_params(("lora_a", "projected")):
+        m, s = opt.canonical_moment(p, g), method.memory.bases.get(name)
+        if m is not None and s is not None:
+            print(f"  {name}: {rel(s.T @ m, m) ** 2:.1e}")
 
 
 @torch.no_grad()
