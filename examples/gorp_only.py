@@ -111,8 +111,8 @@ def run(name: str, steps: int, seed: int, hparams: dict) -> dict:
     return {"matrix": matrix, "memory": statistics.mean(dims) if dims else None, **summarize(matrix)}
 
 
-def mean_sd(xs: list[float]) -> str:
-    return f"{statistics.mean(xs):+.2f} ± {statistics.stdev(xs) if len(xs) > 1 else 0.0:.2f}"
+def mean_sd(xs: list[float], sign: str = "") -> str:
+    return f"{statistics.mean(xs):{sign}.2f} ± {statistics.stdev(xs) if len(xs) > 1 else 0.0:.2f}"
 
 
 def main() -> None:
@@ -128,13 +128,13 @@ def main() -> None:
 
     console, seeds = Console(), [int(s) for s in args.seeds.split(",")]
     summary = Table(title=f"after the last task, mean ± sd over seeds {seeds}")
-    for col in ("method", "AA", "BWT", "learned: mean R[i][i]", "memory (of 64)"):
+    for col in ("method", "AA", "BWT", "learned R[i][i]", "memory (of 64)"):
         summary.add_column(escape(col), justify="right")
     for name in args.methods.split(","):
         method, hparams = CONFIGS[name]
         with console.status(f"{name}: {N_TASKS} tasks x {args.steps} steps x {len(seeds)} seeds ..."):
             res = [run(method, args.steps, s, hparams) for s in seeds]
-        t = Table(title=escape(f"{name}: accuracy R[stage][task], mean over seeds"))
+        t = Table(title=escape(f"{name}: accuracy R[stage][task]"))
         t.add_column("after stage")
         for i in range(N_TASKS):
             t.add_column(f"task {i}", justify="right")
@@ -144,7 +144,7 @@ def main() -> None:
         learned = [statistics.mean(r["matrix"][i][i] for i in range(N_TASKS)) for r in res]
         memory = "-" if res[0]["memory"] is None else f"{statistics.mean(r['memory'] for r in res):.1f}"
         summary.add_row(
-            name, mean_sd([r["aa"] for r in res]), mean_sd([r["bwt"] for r in res]), mean_sd(learned), memory
+            name, mean_sd([r["aa"] for r in res]), mean_sd([r["bwt"] for r in res], "+"), mean_sd(learned), memory
         )
     console.print(summary)
 
