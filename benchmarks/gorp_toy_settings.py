@@ -34,7 +34,7 @@ SETTINGS: dict[str, tuple[str, dict]] = {
     "full": ("full", {}),
     "lora": ("lora", {}),
     "olora": ("olora", {}),
-    "gorp (example)": ("gorp", {}),
+    "gorp (example)": ("gorp", {}),  # BASE: the example before it took rank 32
     "gorp no memory": ("gorp", {"use_memory": False}),
     "gorp gpm": ("gorp", {"memory_rule": "gpm"}),
     "gorp orthogonal": ("gorp", {"adapter_init": "orthogonal"}),
