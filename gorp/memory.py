@@ -4,9 +4,9 @@ After a task, the final Adam first moment M of every projected weight and every 
 :meth:`gorp.optim.ProjAdamW.canonical_moment`, d x c) is folded into that matrix's basis S (d x k, capped at d columns)
 by one of two growth rules (``rule``):
 
-``energy`` (the default, for now): M = U diag(s) V^T; the leading columns of U that hold ``threshold`` (90%) of M's
-    own energy sum(s^2) are orthogonalized against S and whatever is not yet in S (residual norm above 1e-3) is
-    appended. It adds directions even when S already explains most of M.
+``energy`` (the default): M = U diag(s) V^T; the leading columns of U that hold ``threshold`` (90%) of M's own
+    energy sum(s^2) are orthogonalized against S and whatever is not yet in S (residual norm above 1e-3) is appended.
+    Given a moment that S already explains mostly, it adds directions the GPM rule would not.
 ``gpm``: the growth rule of Gradient Projection Memory (Saha et al. 2021), as in the released GORP code. With
     total = ||M||_F^2 and projected = ||S^T M||_F^2, nothing is added when projected / total >= threshold; otherwise
     the residual R = M - S S^T M is decomposed and its fewest leading left singular vectors r_1..r_k are added such
@@ -14,8 +14,11 @@ by one of two growth rules (``rule``):
     whose cumulative energy reaches the threshold, so a task always keeps at least one direction (the released code
     keeps the count strictly below the threshold, which is 0 when the top direction alone holds 90%).
 
-Which rule protects old tasks better at the same room for new ones is for the quality benchmark to decide; until it
-has, ``energy`` stays the default so that existing runs and saved memories behave as before.
+Inside GORP's own training the two rules store the same memory: :class:`~gorp.optim.ProjAdamW` removes S from every
+gradient before it enters the moments, so a task's final M lies outside S (to ~1e-7 relative), the GPM rule's
+"already explained" share is 0, and both keep the same leading directions of M
+(``tests/test_memory_rules.py::test_inside_gorp_the_gpm_and_energy_rules_store_the_same_memory``). They differ only for
+a moment that overlaps S, e.g. one computed without the projection; ``energy`` stays the default.
 
 While later tasks train, :class:`~gorp.optim.ProjAdamW` removes the components of gradients and updates inside these
 bases.

@@ -169,3 +169,34 @@ def test_new_adapter_and_its_updates_stay_off_the_stored_basis(task1, adapter_in
                 assert rel <= 1e-6 and float((a.detach() @ s).norm()) <= 1e-6, (m, step, rel)
             else:
                 assert rel > 0.05, (m, step, rel)
+
+
+# ---------------------------------------------------------------- the two rules inside GORP's own training
+def two_tasks(rule: str) -> TaskMemory:
+    method = build_method("gorp", **ARGS, memory_rule=rule)
+    model = tiny_llama(seed=0)
+    for task in range(2):
+        torch.manual_seed(task)
+        model = method.setup_task(model, task)
+        opt = method.make_optimizer(model)
+        for b in batches(task, 4):
+            model(**b).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        if task == 1:  # ProjAdamW removed the stored basis from every gradient: the moments hold nothing of it
+            for name, p, g in opt.named_params(("lora_a", "projected")):
+                m, s = opt.canonical_moment(p, g), method.memory.bases[name]
+                assert float((s.T @ m).norm() / m.norm()) <= 1e-5, name
+        method.end_task(model, opt)
+        model = method.finalize(model)
+    return method.memory
+
+
+def test_inside_gorp_the_gpm_and_energy_rules_store_the_same_memory():
+    """A task's final moments lie outside the stored basis (projected out during training), so the GPM rule's
+    'already explained' share is 0 and both rules keep the same leading directions (gorp.memory's docstring)."""
+    energy, gpm = two_tasks("energy"), two_tasks("gpm")
+    assert energy.bases.keys() == gpm.bases.keys()
+    for name, s in energy.bases.items():
+        assert s.shape == gpm.bases[name].shape and s.shape[1] > 0, name
+        torch.testing.assert_close(s @ s.T, gpm.bases[name] @ gpm.bases[name].T, atol=1e-5, rtol=0)

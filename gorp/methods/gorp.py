@@ -59,7 +59,7 @@ class GorpArgs(LoraArgs):
     refresh: str = "fixed"
     adaptive_threshold: float = 0.4
     memory_threshold: float = 0.9
-    memory_rule: str = "energy"  # "energy" (default until the quality benchmark decides) or "gpm"; see gorp.memory
+    memory_rule: str = "energy"  # or "gpm": the same memory inside GORP's training (see gorp.memory)
     adapter_init: str = "kaiming"  # "kaiming" (the paper) or "orthogonal": a new LoRA A starts off the stored basis
     use_memory: bool = True  # off: the ablation without task memory (and what the released code effectively ran)
     project: bool = True  # off: plain AdamW on the same parameters (benchmark of the projection's own cost)
