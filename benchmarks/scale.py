@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=3, help="steps per run; the step time is the median after the first")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--methods", default="gorp,full")
+    ap.add_argument("--precisions", default="fp32,bf16")
     ap.add_argument("--out", help="also write the table here")
     args = ap.parse_args(argv)
     spec, config, what = model_spec()
@@ -48,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{'method':<6} {'precision':<9} {'ckpt':<5} {'peak':>11} {'plan':>11} {'plan/peak':>9} {'step s':>7}",
     ]
     print("\n".join(lines), flush=True)
-    for method, precision, ac in itertools.product(args.methods.split(","), ("fp32", "bf16"), (False, True)):
+    for method, precision, ac in itertools.product(args.methods.split(","), args.precisions.split(","), (False, True)):
         req = {
             "model": spec,
             "method": method,
