@@ -295,7 +295,7 @@ def test_a_worker_group_that_cannot_start_ends_with_what_ray_train_said(local_ra
     assert "Traceback" not in out.output and "Potential causes" not in out.output
     log = (tmp_path / "run" / "gorp.log").read_text()
     assert "Traceback" in log and "ControllerError" in log and "Potential causes include" in log  # Ray's whole text
-    print(f"worker group never started: {got['s']:.1f} s to the message (GORP_WAIT_FOR_WORKERS_S=4)")
+    print(f"worker group never started: {got['s']:.1f} s to the message (GORP_WAIT_FOR_WORKERS_S=4): {text[-700:]}")
     assert [r.info.status for r in _runs(tmp_path / "run", "sequence")] == ["FAILED"]
     assert _versions(tmp_path / "run") == []
 
@@ -333,8 +333,10 @@ def test_a_failed_start_hides_no_complete_sequence(local_ray, tmp_path):
             return loss
 
     two = load_stream(make_stream(tmp_path, max_steps=4, **SMALL))  # "second" appended: continues the sequence
+    t = time.perf_counter()
     with pytest.raises(StageFailed) as e:
         run_stream(two, hooks=DiesAtSetup())
+    print(f"worker dies at setup: {time.perf_counter() - t:.1f} s to the message: {str(e.value).splitlines()[0]}")
     assert str(e.value).splitlines()[0] == (
         "stage 2/2 (second) failed: rank 0: RuntimeError: stage 2: cannot build the model on this node"
     )
@@ -364,9 +366,12 @@ def test_a_run_that_loses_its_lease_stops_and_registers_nothing_more(local_ray, 
     now = time.time()
     thief = Holder("elsewhere", 4242, now, now, "gorp run tiny-stream --resume", 60.0, "f" * 32)
 
+    stolen: list[float] = []
+
     class TakeOver(Callback):  # after the recorder: stage 1 is registered; at stage 2's last step, another takes over
         def on_progress(self, plan, stage, row):
             if stage == 1 and row["step"] == plan.steps[1]:
+                stolen.append(time.perf_counter())
                 (lease_file,) = run_dir.glob("leases/*.json")
                 tmp = lease_file.with_suffix(".steal")
                 tmp.write_text(json.dumps(asdict(thief)))
@@ -374,6 +379,7 @@ def test_a_run_that_loses_its_lease_stops_and_registers_nothing_more(local_ray, 
 
     with pytest.raises(LeaseLost) as e:
         run_stream(stream, callbacks=[TakeOver()])
+    print(f"lease lost: {time.perf_counter() - stolen[0]:.1f} s from the takeover to the message: {e.value}")
     (lease_file,) = run_dir.glob("leases/*.json")
     assert str(e.value).startswith(
         f"tiny-stream: this run lost the sequence's lease ({lease_file}): taken over by gorp run tiny-stream "
