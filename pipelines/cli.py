@@ -102,6 +102,7 @@ _RECURRING = (
     ("fewer rows than one global batch", "lower training.batch_size or add training data"),
     ("must be divisible by the number of workers", "make training.batch_size a multiple of scaling.num_workers"),
     ("loss is not finite", "lower training.lr or check the task's data, then `gorp run --resume`"),
+    ("the worker group did not start", "change what the message names, then `gorp run` again (no stage had started)"),
 )
 
 

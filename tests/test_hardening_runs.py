@@ -293,6 +293,7 @@ def test_a_worker_group_that_cannot_start_ends_with_what_ray_train_said(local_ra
         "raise GORP_WAIT_FOR_WORKERS_S (now 4 s) for a cluster that scales up" in text
     ), out.output
     assert "Traceback" not in out.output and "Potential causes" not in out.output
+    assert "then `gorp run` again (no stage had started)" in text and "--resume" not in text  # it would recur
     log = (tmp_path / "run" / "gorp.log").read_text()
     assert "Traceback" in log and "ControllerError" in log and "Potential causes include" in log  # Ray's whole text
     print(f"worker group never started: {got['s']:.1f} s to the message (GORP_WAIT_FOR_WORKERS_S=4): {text[-700:]}")
