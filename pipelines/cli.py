@@ -114,6 +114,16 @@ def _next_step(error: BaseException) -> str:
     )
 
 
+def _interruptible() -> None:
+    """SIGINT stops a run the way Ctrl-C does (runs marked KILLED, how to resume), also where this process was started
+    with SIGINT ignored, as a shell's background job or a child of a process that ignores it is: Python then leaves
+    the signal ignored and ``kill -INT`` would do nothing."""
+    import signal
+
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 @app.command()
 def run(
     stream: Path = typer.Argument(..., help="the stream YAML"),
@@ -147,6 +157,7 @@ def run(
     spec = _load(stream)
     t = time.perf_counter()
     out = Path(run_dir or spec.run_dir)
+    _interruptible()
     with run_log(out, verbose=verbose) as log:
         if log is not None:
             console.print(f"[dim]log: {log}[/dim]")

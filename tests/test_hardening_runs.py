@@ -124,7 +124,7 @@ def _env() -> dict:
     return {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
 
 
-def _gorp(step_sleep: float, *args: str) -> subprocess.Popen:
+def _gorp(step_sleep: float, *args: str, sigint_ignored: bool = False) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-c", DRIVER, str(step_sleep), *args],
         env=_env(),
@@ -132,6 +132,8 @@ def _gorp(step_sleep: float, *args: str) -> subprocess.Popen:
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,  # its own process group: a signal reaches the driver and the Ray it started
+        # started the way a shell starts a background job: SIGINT ignored (Python keeps it so, unless gorp says not)
+        preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if sigint_ignored else None,
     )
 
 
@@ -210,7 +212,7 @@ def test_two_runs_together_one_trains_the_other_is_refused(tmp_path):
 def test_ctrl_c_marks_the_runs_killed_and_resume_finishes(tmp_path):
     path = make_stream(tmp_path, max_steps=8, **SMALL)
     run_dir = tmp_path / "run"
-    proc = _gorp(1.0, "run", str(path))
+    proc = _gorp(1.0, "run", str(path), sigint_ignored=True)
     try:
         _wait_for(lambda: _stage_running(run_dir, 1), proc, 300, "stage 2 did not start")
         t = time.perf_counter()
