@@ -9,7 +9,9 @@ method protects it: forgetting is visible. Inputs vary (random words), so no two
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import random
 from pathlib import Path
 
@@ -121,3 +123,40 @@ class SlowSteps:
 
         time.sleep(self.seconds)
         return float("nan") if self.nan_at == (task, step) else loss
+
+
+@contextlib.contextmanager
+def s3_server(bucket: str, *, set_environ: bool = False):
+    """An S3 API (moto) on 127.0.0.1 holding an empty ``bucket``; yields the environment that points pyarrow (hence
+    Ray Data and Ray Train), boto3 and MLflow's artifact client at it. ``set_environ``: also this process's, for the
+    duration (Ray workers started meanwhile inherit it)."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {
+        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
+        "MLFLOW_S3_ENDPOINT_URL": f"http://{host}:{port}",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    try:
+        if set_environ:
+            os.environ.update(env)
+        boto3.client(
+            "s3",
+            endpoint_url=env["AWS_ENDPOINT_URL"],
+            region_name="us-east-1",
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+        ).create_bucket(Bucket=bucket)
+        yield env
+    finally:
+        if set_environ:
+            for k, v in saved.items():
+                os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+        server.stop()

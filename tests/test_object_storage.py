@@ -11,14 +11,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pyarrow.fs as pafs
 import pytest
 import ray
 import yaml
 from mlflow import MlflowClient
 from ray.cluster_utils import Cluster
 
-from pipeline_fixtures import NAMES, make_model, make_stream
+from pipeline_fixtures import NAMES, make_model, make_stream, s3_server
 from pipelines import storage
 from pipelines.registry import tracking_uri_for
 from pipelines.run import run_stream
@@ -30,33 +29,9 @@ BUCKET = "gorp-test"
 
 @pytest.fixture(scope="module")
 def s3():
-    """An S3 API on 127.0.0.1 and the environment pyarrow (hence Ray Data and Ray Train) reads it from."""
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = {
-        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    fs = pafs.S3FileSystem(
-        endpoint_override=f"{host}:{port}",
-        scheme="http",
-        access_key="testing",
-        secret_key="testing",
-        region="us-east-1",
-        allow_bucket_creation=True,
-    )
-    fs.create_dir(BUCKET)
-    yield env
-    for k, v in saved.items():
-        os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
-    server.stop()
+    """An S3 API on 127.0.0.1, in this process's environment (and the Ray workers')."""
+    with s3_server(BUCKET, set_environ=True) as env:
+        yield env
 
 
 def test_storage_helpers_on_a_bucket_and_a_folder(s3, tmp_path):

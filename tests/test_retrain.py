@@ -27,7 +27,7 @@ from test_recovery import _checkpointed, _progress, _wait_for
 
 from deploy.inbox import Inbox, stream_lock
 from deploy.retrain import DECISION_TAG, parse_interval, retrain_once
-from pipeline_fixtures import make_stream, write_task
+from pipeline_fixtures import make_stream, s3_server, write_task
 from pipelines.lease import Lease, LeaseHeld
 from pipelines.registry import tracking_uri_for
 
@@ -123,29 +123,8 @@ def test_only_bad_tasks_are_rejected_and_nothing_is_recorded(tmp_path):
 
 @pytest.fixture
 def s3():
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = {
-        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
-        "MLFLOW_S3_ENDPOINT_URL": f"http://{host}:{port}",
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }
-    import boto3
-
-    boto3.client(
-        "s3",
-        endpoint_url=env["AWS_ENDPOINT_URL"],
-        region_name="us-east-1",
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-    ).create_bucket(Bucket=BUCKET)
-    yield env
-    server.stop()
+    with s3_server(BUCKET) as env:
+        yield env
 
 
 @pytest.fixture
