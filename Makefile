@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo lint bench clean
+.PHONY: install test test-fast demo lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -21,6 +21,11 @@ install: $(STAMP)
 test: install
 	$(BIN)/python -m ruff check gorp pipelines tuning deploy tests benchmarks examples
 	GORP_TEST_DEMO=1 $(BIN)/python -m pytest -q tests
+
+# the inner loop: everything but the end-to-end tests (tests/conftest.py names them); make test runs them all
+test-fast: install
+	$(BIN)/python -m ruff check gorp pipelines tuning deploy tests benchmarks examples
+	$(BIN)/python -m pytest -q -m "not slow" tests
 
 # the embedded default: SmolLM2-135M-Instruct (prepared offline from PyPI) learns 3 WordNet tasks with GORP on Ray
 demo: install
