@@ -19,7 +19,7 @@ from mlflow.tracking import MlflowClient
 
 from pipeline_fixtures import TASKS, make_stream
 from pipelines.spec import load_stream
-from tuning.lineage import experiment_name, tracking_uri
+from tuning.lineage import PARENT_FILE, experiment_name, tracking_uri
 from tuning.trial import STARTS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,6 +51,9 @@ def _wrong_test_labels(stream_yaml: Path, task: str) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
+TRACKING_ENV: dict[str, str | None] = {}
+
+
 @pytest.fixture(scope="module")
 def search(local_ray, tmp_path_factory):
     from tuning.run import tune_stream
@@ -61,7 +64,9 @@ def search(local_ray, tmp_path_factory):
     _wrong_test_labels(stream_yaml, "first")
     (root / "search.yaml").write_text(SEARCH % (LRS, "asha"))
     lines: list[str] = []
+    TRACKING_ENV["before"] = os.environ.get("MLFLOW_TRACKING_URI")
     outcome = tune_stream(stream_yaml, root / "search.yaml", echo=lines.append)
+    TRACKING_ENV["after"] = os.environ.get("MLFLOW_TRACKING_URI")
     return root, load_stream(stream_yaml), outcome, lines
 
 
@@ -93,6 +98,11 @@ def test_two_trials_ran_at_once_on_two_cpus(search):
     spans = [(float(starts[t["trial_id"]]), t["ended"]) for t in outcome.trials]
     overlap = any(a0 < b1 and b0 < a1 for i, (a0, a1) in enumerate(spans) for b0, b1 in spans[i + 1 :])
     assert overlap, spans
+
+
+def test_a_search_leaves_the_processes_tracking_uri_as_it_was(search):
+    # Ray's MLflow callback sets MLFLOW_TRACKING_URI: a later run in this process would record into the search's store
+    assert TRACKING_ENV["after"] == TRACKING_ENV["before"]
 
 
 def test_mlflow_has_one_search_run_with_six_nested_trials(search):
@@ -168,7 +178,8 @@ def test_killed_search_resumes_without_rerunning_finished_trials(tmp_path):
     stream = load_stream(stream_yaml)
     client = MlflowClient(tracking_uri(stream))
     exp = client.get_experiment_by_name(experiment_name(stream))
-    nested = [r for r in client.search_runs([exp.experiment_id]) if "mlflow.parentRunId" in r.data.tags]
+    parent = json.loads((out / PARENT_FILE).read_text())["run_id"]  # the store also holds the module's search
+    nested = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("mlflow.parentRunId") == parent]
     names = [r.data.tags["trial_name"] for r in nested]
     assert len(names) == 3 and all(any(n.endswith(f"_{t}") for n in names) for t in set(first)), (names, first)
     assert {r.info.status for r in nested} == {"FINISHED"}

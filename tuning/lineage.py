@@ -8,13 +8,29 @@ The search's experiment is ``<the stream's experiment>-tune``, apart from the se
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 from ray.air.integrations.mlflow import MLflowLoggerCallback
 
 PARENT_FILE = "search_run.json"
+
+
+@contextlib.contextmanager
+def tracking_uri_kept():
+    """Ray's MLflow callback calls ``mlflow.set_tracking_uri``, which also sets ``MLFLOW_TRACKING_URI`` in this
+    process: a caller's next run in the same process (and its subprocesses) would record into the search's store.
+    Both are put back as they were."""
+    import mlflow
+
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(before)  # None: MLflow's default again, and the variable unset
 
 
 class TrialRuns(MLflowLoggerCallback):

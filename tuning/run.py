@@ -118,7 +118,8 @@ def tune_stream(stream_path, search_path, *, out_dir=None, resume: bool = False,
     prepare_stream(val_stream, resolve_model(stream.model), out, cache_dir=out / "cache", eval_split="validation")
     parent = lineage.open_search(stream, search, out, resume=resume)
     tuner = _tuner(stream, val_stream, search, out, parent, resume)
-    results = tuner.fit()
+    with lineage.tracking_uri_kept():
+        results = tuner.fit()
     outcome = TuneOutcome(out, _trials(results, len(stream.tasks)), None, notes, parent)
     outcome.best = max(
         (t for t in outcome.trials if t["stages"] == len(stream.tasks)), key=lambda t: t["objective"], default=None
