@@ -25,6 +25,7 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import yaml
@@ -212,7 +213,9 @@ def plots(by_config: dict[str, list[dict]], docs: Path) -> list[Path]:
     for ax, (name, recs) in zip(axes.flat, by_config.items(), strict=False):
         tasks = recs[0]["tasks"]
         nan = [[[np.nan if v is None else v for v in row] for row in r["matrix"]] for r in recs]
-        m = np.nanmean(nan, axis=0) * 100
+        with warnings.catch_warnings():  # the cells above the diagonal are NaN in every seed
+            warnings.simplefilter("ignore", RuntimeWarning)
+            m = np.nanmean(nan, axis=0) * 100
         mask = np.tril(np.ones_like(m, dtype=bool))
         ax.imshow(np.where(mask, m, np.nan), vmin=0, vmax=100, cmap="viridis")
         for (t, i), v in np.ndenumerate(m):
