@@ -150,16 +150,20 @@ class Lineage:
 
     def find_sequence(self, stream_name: str, config_hash: str) -> str | None:
         """The newest parent run of this stream with this config hash, or None."""
+        found = self.sequence_runs(stream_name, config_hash, limit=1)
+        return found[0].info.run_id if found else None
+
+    def sequence_runs(self, stream_name: str, config_hash: str, limit: int = 100) -> list:
+        """The parent runs of this stream with this config hash, newest first."""
         exp = self.client.get_experiment_by_name(self.experiment or stream_name)
         if exp is None:
-            return None
-        found = self.client.search_runs(
+            return []
+        return self.client.search_runs(
             [exp.experiment_id],
             f"tags.`gorp.kind` = 'sequence' and tags.`gorp.config_hash` = '{config_hash}'",
             order_by=["attributes.start_time DESC"],
-            max_results=1,
+            max_results=limit,
         )
-        return found[0].info.run_id if found else None
 
     def sequence_info(self, parent_id: str) -> tuple[str, str]:
         """(the sequence's id in the run's storage, the parent run's status)."""

@@ -129,21 +129,17 @@ def resolve_start(start_from: str | None, tracking_uri: str) -> str | None:
 def _find(lin: Lineage, stream, ident: str, *, resume: bool) -> str | None:
     """The newest parent run with this identity; without ``resume``, FAILED or KILLED parents that completed no stage
     (failed starts) are passed over when an older parent exists."""
-    newest = lin.find_sequence(stream.name, ident)
-    if newest is None or resume:
-        return newest
-    exp = lin.client.get_experiment_by_name(lin.experiment or stream.name)
-    runs = lin.client.search_runs(
-        [exp.experiment_id],
-        f"tags.`gorp.kind` = 'sequence' and tags.`gorp.config_hash` = '{ident}'",
-        order_by=["attributes.start_time DESC"],
-        max_results=100,
-    )
-    for run in runs:
-        if run.info.status in ("FAILED", "KILLED") and not lin.completed_stages(run.info.run_id):
-            continue
-        return run.info.run_id
-    return newest
+    runs = lin.sequence_runs(stream.name, ident, limit=1 if resume else 100)
+    if not runs:
+        return None
+    if resume:
+        return runs[0].info.run_id
+    started = (r for r in runs if not _failed_start(lin, r))
+    return next(started, runs[0]).info.run_id
+
+
+def _failed_start(lin: Lineage, run) -> bool:
+    return run.info.status in ("FAILED", "KILLED") and not lin.completed_stages(run.info.run_id)
 
 
 def _plan(lin: Lineage, stream, ident: str, *, resume: bool, restart: bool, say) -> tuple[str | None, str, list, str]:
@@ -248,7 +244,7 @@ def run_stream(
         lease.release()
 
 
-def _close_stage_runs(recorder: LineageRecorder, status: str, error: str) -> None:
+def _close_stage_runs(recorder: LineageRecorder, status: str, error: str | None = None) -> None:
     """This run's stage runs that did not complete and are still RUNNING: ended with ``status``."""
     done = {s.stage for s in recorder.stages}
     for stage, run_id in recorder.run_ids.items():
@@ -270,13 +266,10 @@ def _close_failed(recorder: LineageRecorder, before: str, first: int, error: Bas
 
 def _killed(stream, recorder: LineageRecorder, first: int) -> str:
     """Mark the unfinished stage runs and the parent KILLED; the sentence that says where the run stands."""
-    done = {s.stage for s in recorder.stages}
     n, k = len(stream.tasks), max(first, len(recorder.stages))
     marked = "nothing was recorded yet"
     if recorder.parent is not None:
-        for stage, run_id in recorder.run_ids.items():
-            if stage not in done:
-                recorder.lin.finish_stage(run_id, "KILLED")
+        _close_stage_runs(recorder, "KILLED")
         recorder.lin.finish_sequence(recorder.parent, "KILLED")
         marked = f"MLflow run {recorder.parent} marked KILLED"
     where = f"stage {k + 1}/{n} ({stream.tasks[k].name}) was running" if k < n else "all stages were done"
