@@ -1,5 +1,6 @@
 """gorp tune on the tiny stream: 6 trials over 3 stages with ASHA (grace 1 stage, reduction factor 2), two at a time
 on a 2-CPU Ray; trials scored on validation (the first task's test labels are all wrong); the MLflow store; best.yaml;
+the same trials under synchronous successive halving (paused at each stage boundary, resumed from their checkpoints);
 a search whose driver is killed after 2 finished trials, resumed."""
 
 from __future__ import annotations
@@ -137,6 +138,40 @@ def test_best_yaml_is_a_stream_with_the_best_trials_values(search):
     rows = list(csv.DictReader(open(out / "trials.csv")))
     assert sorted(float(r["lr"]) for r in rows) == sorted(LRS)
     assert (out / "aa_per_stage.png").stat().st_size > 5000
+
+
+@pytest.fixture(scope="module")
+def halving(local_ray, tmp_path_factory):
+    from tuning.run import tune_stream
+
+    root = tmp_path_factory.mktemp("halving")
+    stream_yaml = make_stream(root, num_workers=1, fsdp=False, scaling={"cpus_per_worker": 0.9})
+    (root / "search.yaml").write_text(SEARCH % (LRS[:4], "halving"))  # two learners, two not
+    lines: list[str] = []
+    outcome = tune_stream(stream_yaml, root / "search.yaml", echo=lines.append)
+    return root, load_stream(stream_yaml), outcome, lines
+
+
+def test_halving_waits_at_each_stage_boundary_and_keeps_the_best_half(halving):
+    root, stream, outcome, lines = halving
+    by_lr = {t["config"]["lr"]: t for t in outcome.trials}
+    assert all(t["status"] == "TERMINATED" for t in outcome.trials)
+    # 4 -> 2 -> 1: the two learners pass stage 1; 4 + 2 + 1 = 7 stage-trainings, each reported once
+    assert sorted(t["stages"] for t in outcome.trials) == [1, 1, 2, 3]
+    assert {lr for lr, t in by_lr.items() if t["stages"] > 1} == {0.05, 0.03}
+    assert "stage-trainings spent: 7 (running every trial to the end: 12)" in lines
+    client = MlflowClient(tracking_uri(stream))
+    exp = client.get_experiment_by_name(experiment_name(stream))
+    nested = [r for r in client.search_runs([exp.experiment_id]) if "mlflow.parentRunId" in r.data.tags]
+    histories = [client.get_metric_history(r.info.run_id, "aa") for r in nested]
+    assert sorted(len(h) for h in histories) == [1, 1, 2, 3]  # a resumed trial reports no stage twice
+    assert all([m.step for m in h] == list(range(1, len(h) + 1)) for h in histories)
+    # synchronous: no trial trained stage k + 1 before every trial still in the search had finished stage k
+    ended = {k: [m.timestamp for h in histories for m in h if m.step == k] for k in (1, 2, 3)}
+    assert max(ended[1]) <= min(ended[2]) and max(ended[2]) <= min(ended[3])
+    # the trials that went on were paused at the boundary and started again (a line per start)
+    starts = [line.split()[0] for line in (root / "run" / "tune" / "search" / STARTS).read_text().splitlines()]
+    assert len(starts) > 4 and set(starts) == {t["trial_id"] for t in outcome.trials}
 
 
 def test_killed_search_resumes_without_rerunning_finished_trials(tmp_path):

@@ -132,30 +132,25 @@ def tune_stream(stream_path, search_path, *, out_dir=None, resume: bool = False,
 def _tuner(stream, val_stream, search, out: Path, parent_run_id: str, resume: bool):
     import ray
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     from tuning.lineage import trial_runs_callback
 
+    n_stages = len(stream.tasks)
     trainable = tune.with_resources(
         tune.with_parameters(
-            run_trial, stream_data=val_stream.model_dump(mode="json"), search_dir=str(out), objective=search.objective
+            run_trial,
+            stream_data=val_stream.model_dump(mode="json"),
+            search_dir=str(out),
+            objective=search.objective,
+            rungs=search.scheduler.rungs(n_stages),
         ),
         driver_resources(stream, ray.cluster_resources()),
     )
     if resume:
         return tune.Tuner.restore(str(out / EXPERIMENT), trainable, resume_unfinished=True, resume_errored=True)
-    sc = search.scheduler
-    scheduler = (
-        ASHAScheduler(
-            time_attr="stage",
-            max_t=len(stream.tasks),
-            grace_period=sc.grace_period,
-            reduction_factor=sc.reduction_factor,
-        )
-        if sc.kind == "asha"
-        else FIFOScheduler()
-    )
+    running = concurrent_trials(stream, ray.cluster_resources(), search.concurrency)
+    halving = search.scheduler.kind == "halving"
     mlflow_cb = trial_runs_callback(stream, parent_run_id, search.name)
     return tune.Tuner(
         trainable,
@@ -163,16 +158,41 @@ def _tuner(stream, val_stream, search, out: Path, parent_run_id: str, resume: bo
         tune_config=tune.TuneConfig(
             metric="objective",
             mode="max",
-            scheduler=scheduler,
-            # the generator takes the limit itself (TuneConfig's max_concurrent_trials is ignored with a generator)
-            search_alg=BasicVariantGenerator(
-                random_state=search.seed,
-                max_concurrent=concurrent_trials(stream, ray.cluster_resources(), search.concurrency),
-            ),
+            scheduler=_scheduler(search, n_stages, running),
+            # The generator takes the limit itself (TuneConfig's max_concurrent_trials is ignored with a generator).
+            # Halving needs every trial in its bracket (a paused trial counts as live here): its scheduler limits.
+            search_alg=BasicVariantGenerator(random_state=search.seed, max_concurrent=0 if halving else running),
             num_samples=search.samples(),
         ),
-        run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(out), callbacks=[mlflow_cb], verbose=0),
+        run_config=tune.RunConfig(
+            name=EXPERIMENT,
+            storage_path=str(out),
+            callbacks=[mlflow_cb],
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),  # a trial's history so far (tuning.trial)
+            verbose=0,
+        ),
     )
+
+
+def _scheduler(search, n_stages: int, running: int):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    from tuning.halving import StageHalving
+
+    sc = search.scheduler
+    if sc.kind == "asha":
+        return ASHAScheduler(
+            time_attr="stage", max_t=n_stages, grace_period=sc.grace_period, reduction_factor=sc.reduction_factor
+        )
+    if sc.kind == "halving":
+        return StageHalving(
+            trials=search.trials(),
+            stages=n_stages,
+            grace_period=sc.grace_period,
+            reduction_factor=sc.reduction_factor,
+            max_running=running,
+        )
+    return FIFOScheduler()
 
 
 def _trials(results, n_stages: int) -> list[dict]:

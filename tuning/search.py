@@ -7,7 +7,7 @@ scheduler. Validated like the stream: every model forbids unknown keys, so a typ
       update_gap: {grid: [5, 10]}
     methods: [gorp, lora]               # optional: a method comparison too (every method gets the whole space)
     objective: {forgetting_weight: 0}   # score = AA - w * forgetting, after the last stage
-    scheduler: {kind: asha, grace_period: 1, reduction_factor: 2}
+    scheduler: {kind: asha, grace_period: 1, reduction_factor: 2}   # or halving, random, grid
     num_samples: 6
     seed: 0
     concurrency: 2
@@ -15,6 +15,7 @@ scheduler. Validated like the stream: every model forbids unknown keys, so a typ
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -90,12 +91,18 @@ class Objective(_Strict):
 
 
 class Scheduler(_Strict):
-    """asha: stop trials at stage boundaries (the stage index is ASHA's time axis); random: every sampled trial runs
-    to the end; grid: every point of the grid (choice counts as grid) runs to the end."""
+    """asha: stop trials at stage boundaries as they reach them (the stage index is ASHA's time axis); halving: the
+    same rule, synchronous: at each stage boundary every trial waits for the others, and the best
+    ceil(n / reduction_factor) go on (:mod:`tuning.halving`); random: every sampled trial runs to the end; grid:
+    every point of the grid (choice counts as grid) runs to the end."""
 
-    kind: Literal["asha", "random", "grid"] = "asha"
-    grace_period: int = Field(1, gt=0)  # stages every trial gets before ASHA may stop it
-    reduction_factor: float = Field(2, gt=1)  # ASHA keeps the top 1/reduction_factor at each rung
+    kind: Literal["asha", "halving", "random", "grid"] = "asha"
+    grace_period: int = Field(1, gt=0)  # stages every trial gets before it may be stopped
+    reduction_factor: float = Field(2, gt=1)  # the top 1/reduction_factor go on at each rung
+
+    def rungs(self, n_stages: int) -> list[int]:
+        """The stage counts at which halving compares trials (ASHA's are Ray's: grace * rate^k)."""
+        return list(range(self.grace_period, n_stages)) if self.kind == "halving" else []
 
 
 class Search(_Strict):
@@ -119,6 +126,12 @@ class Search(_Strict):
 
     def samples(self) -> int:
         return 1 if self.scheduler.kind == "grid" else self.num_samples
+
+    def trials(self) -> int:
+        """How many trials the search runs: samples x the grid's points (x the methods, when several)."""
+        grid = self.scheduler.kind == "grid"
+        points = math.prod(len(p.grid or p.choice) for p in self.space.values() if p.grid or (grid and p.choice))
+        return self.samples() * points * len(self.methods or [None])
 
 
 def _errors(where: str, err: ValidationError) -> str:
@@ -155,6 +168,10 @@ def check_space(search: Search, stream) -> None:
     an unknown key fails here, naming it, before Ray starts."""
     from gorp.methods import build_method
 
+    if search.scheduler.grace_period > len(stream.tasks):
+        raise SpecError(
+            f"scheduler.grace_period: {search.scheduler.grace_period} stages, but the stream has {len(stream.tasks)}"
+        )
     example = {key: p.example() for key, p in search.space.items()}
     for method in search.methods or [stream.method]:
         base = stream.method_args if method == stream.method else {}

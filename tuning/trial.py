@@ -3,18 +3,31 @@ validation, reporting to Tune once per completed stage.
 
 The report comes from the trial's own driver (a :class:`~pipelines.sequence.Callback` in the Tune function), after
 the stage's result has arrived: Ray Train's mid-stage checkpoint reports stay inside the trial's TorchTrainer and
-never reach Tune, so ASHA sees exactly one result per stage and ``stage`` (1, 2, ...) is its time axis.
+never reach Tune, so the scheduler sees exactly one result per stage and ``stage`` (1, 2, ...) is its time axis.
+
+Each report carries a small Tune checkpoint: the results of the stages done so far (``history.json``; the stage models
+stay in the trial's storage). A trial that Tune starts again (paused by successive halving, or a search resumed after
+its driver died) continues after its last reported stage with that history, and reports no stage twice.
+
+``chunk_ends``: where the trial's worker group stops. Under ASHA a trial runs its whole sequence on one worker group;
+under successive halving the group ends at every rung (a stage boundary), so that a trial paused there holds nothing
+and has trained nothing past it.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from pipelines.results import StageResult
 from pipelines.sequence import Callback
 
-STARTS = "trial_starts.log"  # "<trial id> <unix time>" per trial start (a resumed search adds the ones it reruns)
+STARTS = "trial_starts.log"  # "<trial id> <unix time>" per trial start (a resumed or unpaused trial adds a line)
+HISTORY = "history.json"  # in a trial's Tune checkpoint: the results of its completed stages
 
 
 class StageReporter(Callback):
@@ -31,7 +44,27 @@ class StageReporter(Callback):
         import ray.tune
 
         self.stages.append(result)
-        ray.tune.report(stage_metrics(plan.result(self.stages), self.objective) | {"cache_hit": self.cache_hit})
+        seq = plan.result(self.stages)
+        with tempfile.TemporaryDirectory(prefix="gorp-trial-") as folder:  # Tune copies it into the trial's storage
+            Path(folder, HISTORY).write_text(json.dumps([dataclasses.asdict(s) for s in seq.stages]))
+            metrics = stage_metrics(seq, self.objective) | {"cache_hit": self.cache_hit}
+            ray.tune.report(metrics, checkpoint=ray.tune.Checkpoint.from_directory(folder))
+
+
+def reported_history() -> list[StageResult]:
+    """The stages this trial reported before Tune stopped it (its latest checkpoint), or none on a first start."""
+    import ray.tune
+
+    ckpt = ray.tune.get_checkpoint()
+    if ckpt is None:
+        return []
+    with ckpt.as_directory() as folder:
+        return [StageResult.from_dict(d) for d in json.loads(Path(folder, HISTORY).read_text())]
+
+
+def chunk_ends(n_stages: int, done: int, rungs: list[int] | None) -> list[int]:
+    """The stage counts at which the trial's worker group ends: every rung after ``done``, and the last stage."""
+    return sorted({r for r in rungs or [] if done < r < n_stages} | {n_stages})
 
 
 def stage_metrics(seq, objective) -> dict[str, float]:
@@ -44,8 +77,11 @@ def stage_metrics(seq, objective) -> dict[str, float]:
     return {k: float(v) for k, v in out.items() if v is not None}
 
 
-def run_trial(config: dict[str, Any], *, stream_data: dict, search_dir: str, objective) -> None:
-    """The Tune function: the stream with this trial's method and method_args, every stage, scored on validation."""
+def run_trial(
+    config: dict[str, Any], *, stream_data: dict, search_dir: str, objective, rungs: list[int] | None = None
+) -> None:
+    """The Tune function: the stream with this trial's method and method_args, every stage after the ones it already
+    reported, scored on validation; its worker group ends at each of ``rungs`` (stage counts)."""
     import ray.tune
 
     from pipelines.sequence import run_sequence
@@ -60,11 +96,15 @@ def run_trial(config: dict[str, Any], *, stream_data: dict, search_dir: str, obj
     base = stream_data["method_args"] if method == stream_data["method"] else {}
     stream = parse_stream({**stream_data, "method": method, "method_args": base | args}, where=f"trial {trial_id}")
     trial_dir = root / "trials" / trial_id
-    run_sequence(
-        stream,
-        callbacks=[StageReporter(objective)],
-        storage=str(trial_dir),
-        run_dir=trial_dir,
-        cache_dir=root / "cache",
-        eval_split="validation",
-    )
+    history = reported_history()
+    for end in chunk_ends(len(stream.tasks), len(history), rungs):
+        part = stream.model_copy(update={"tasks": stream.tasks[:end]})  # the same sequence (its id omits the tasks)
+        history = run_sequence(
+            part,
+            history=history,
+            callbacks=[StageReporter(objective)],
+            storage=str(trial_dir),
+            run_dir=trial_dir,
+            cache_dir=root / "cache",
+            eval_split="validation",
+        ).stages
