@@ -1,7 +1,7 @@
 """Early stopping against running every configuration to the end, on the same 8-point space of the quickstart stream.
 
     python benchmarks/tune_efficiency.py [--stream examples/quickstart.yaml] [--steps 4] [--eval 12] [--json out]
-        [--schedulers grid,halving:3,asha:2]
+        [--schedulers grid,halving:3,asha:2] [--reference grid_row.json]
     python benchmarks/tune_efficiency.py --tiny      # the tests' tiny stream (3 tasks, 12 steps): minutes, not hours
 
 Every search runs ``tuning.run.tune_stream`` on the same stream (each stage capped at --steps optimizer steps, each
@@ -90,6 +90,9 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="the tests' tiny stream instead (steps/eval ignored)")
     parser.add_argument("--schedulers", default="grid,halving:3,asha:2", help="kind[:rate], comma-separated; grid too")
     parser.add_argument("--json", default=None)
+    parser.add_argument(
+        "--reference", default=None, help="the exhaustive search's row (a JSON line this script printed) instead of grid"
+    )
     args = parser.parse_args()
     out = Path(tempfile.mkdtemp(prefix="tune_efficiency-"))
     if args.tiny:
@@ -97,10 +100,10 @@ def main() -> None:
         args.stream, args.steps, args.eval = "tests/pipeline_fixtures.make_stream (tiny)", 12, None
     else:
         stream, space, concurrency = capped_stream(Path(args.stream), args.steps, args.eval, out / "run"), SPACE, 1
-    if "grid" not in args.schedulers.split(","):
-        parser.error("--schedulers must include grid: the exhaustive search is the reference")
+    if "grid" not in args.schedulers.split(",") and not args.reference:
+        parser.error("--schedulers must include grid, or --reference name an earlier grid row: the exhaustive search")
     load_before = os.getloadavg()
-    rows = []
+    rows = [json.loads(Path(args.reference).read_text())] if args.reference else []
     for scheduler in args.schedulers.split(","):
         rows.append(search(stream, scheduler, out, space, concurrency))
         print(json.dumps(rows[-1], default=str), flush=True)  # each search's figures as soon as it ends

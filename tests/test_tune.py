@@ -21,7 +21,7 @@ from mlflow.tracking import MlflowClient
 from pipeline_fixtures import TASKS, make_stream
 from pipelines.spec import load_stream
 from tuning.lineage import PARENT_FILE, experiment_name, tracking_uri
-from tuning.trial import STARTS
+from tuning.trial import SLOTS, STARTS
 
 ROOT = Path(__file__).resolve().parents[1]
 LRS = [0.05, 1e-4, 0.03, 1e-5, 0.02, 1e-6]  # three that learn a task in 12 steps, three that do not
@@ -172,6 +172,13 @@ def test_halving_waits_at_each_stage_boundary_and_keeps_the_best_half(halving):
     # the trials that went on were paused at the boundary and started again (a line per start)
     starts = [line.split()[0] for line in (root / "run" / "tune" / "search" / STARTS).read_text().splitlines()]
     assert len(starts) > 4 and set(starts) == {t["trial_id"] for t in outcome.trials}
+    # all 4 trials exist from the start; the slots let 2 worker groups run at once (what 2 CPUs hold), never more
+    held, most = 0, 0
+    events = [line.split() for line in (root / "run" / "tune" / "search" / SLOTS).read_text().splitlines()]
+    for _, event, _ in sorted(events, key=lambda e: float(e[2])):
+        held += 1 if event == "take" else -1
+        most = max(most, held)
+    assert most == 2 and held == 0 and len(events) == 2 * 7  # a take and a give per stage-training here
 
 
 def test_killed_search_resumes_without_rerunning_finished_trials(tmp_path):

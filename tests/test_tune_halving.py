@@ -22,8 +22,8 @@ class FakeTrial:
 class FakeController:
     """What the scheduler sees of Tune's controller: the trials, stopping one, setting a status."""
 
-    def __init__(self, scheduler: StageHalving, trials: list[FakeTrial]):
-        self.scheduler, self.trials, self.max_seen_running = scheduler, trials, 0
+    def __init__(self, scheduler: StageHalving, trials: list[FakeTrial], running: int = 2):
+        self.scheduler, self.trials, self.running_at_most = scheduler, trials, running
 
     def get_trials(self):
         return self.trials
@@ -41,10 +41,11 @@ class FakeController:
         """Start what the scheduler chooses, then let every running trial train one stage; False when all ended."""
         self.steps = getattr(self, "steps", 0) + 1
         assert self.steps < 100, f"the search never ends: {[(t, t.status, t.trained) for t in self.trials]}"
-        while (trial := self.scheduler.choose_trial_to_run(self)) is not None:
+        while (trial := self.scheduler.choose_trial_to_run(self)) is not None:  # (the slots: at most 2 at once)
+            if sum(t.status == Trial.RUNNING for t in self.trials) == self.running_at_most:
+                break
             trial.status = Trial.RUNNING
         running = [t for t in self.trials if t.status == Trial.RUNNING]
-        self.max_seen_running = max(self.max_seen_running, len(running))
         for t in running:
             stage = t.last_result.get("stage", 0) + 1
             t.trained.append(stage)
@@ -58,10 +59,8 @@ class FakeController:
         return any(t.status != Trial.TERMINATED for t in self.trials)
 
 
-def _search(qualities, stages=3, grace=1, rate=3, running=2):
-    scheduler = StageHalving(
-        trials=len(qualities), stages=stages, grace_period=grace, reduction_factor=rate, max_running=running
-    )
+def _search(qualities, stages=3, grace=1, rate=3):
+    scheduler = StageHalving(trials=len(qualities), stages=stages, grace_period=grace, reduction_factor=rate)
     scheduler.set_search_properties("objective", "max")
     trials = [FakeTrial(i, q) for i, q in enumerate(qualities)]
     ctl = FakeController(scheduler, trials)
@@ -90,7 +89,6 @@ def test_eight_trials_over_three_stages_at_rate_three_spend_twelve_stage_trainin
         "t7": 1,
     }
     assert all(t.trained == list(range(1, len(t.trained) + 1)) for t in trials)
-    assert ctl.max_seen_running == 2  # the scheduler keeps to max_running although all 8 trials exist from the start
 
 
 def test_no_trial_passes_a_rung_before_every_trial_has_reached_it():
@@ -113,7 +111,7 @@ def test_a_restored_search_goes_on_from_the_rung_it_had_reached(stop_after_steps
     for t in trials:  # what Tuner.restore does with the trials' saved states
         if t.status != Trial.TERMINATED:
             t.status = Trial.PENDING
-    scheduler = StageHalving(trials=8, stages=3, grace_period=1, reduction_factor=3, max_running=2)
+    scheduler = StageHalving(trials=8, stages=3, grace_period=1, reduction_factor=3)
     scheduler.set_search_properties("objective", "max")
     ctl = FakeController(scheduler, trials)
     for t in trials:
@@ -136,4 +134,4 @@ def test_a_restored_search_goes_on_from_the_rung_it_had_reached(stop_after_steps
 def test_halving_cost():
     assert halving_cost(8, 3, 1, 3) == 12 and halving_cost(6, 3, 1, 2) == 11 and halving_cost(8, 3, 2, 3) == 19
     with pytest.raises(ValueError, match="grace_period must be 1..3"):
-        StageHalving(trials=8, stages=3, grace_period=4, reduction_factor=2, max_running=1)
+        StageHalving(trials=8, stages=3, grace_period=4, reduction_factor=2)

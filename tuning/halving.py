@@ -9,9 +9,11 @@ promise that (README, "Tuning").
 Ray Tune's :class:`~ray.tune.schedulers.HyperBandScheduler` does the pausing, the halving and the resuming; this module
 changes only its brackets: one bracket holding every trial of the search (HyperBand would split eight trials into
 brackets of two and three), and rungs one stage apart (HyperBand multiplies the milestone by the rate: at rate 3 on a
-3-stage stream it would go from stage 1 straight to stage 3). It also keeps at most ``max_running`` trials running,
-since the search's trials are all generated at once (a paused trial counts as live for Tune's own concurrency limit,
-and a bracket must hold every trial before it halves).
+3-stage stream it would go from stage 1 straight to stage 3).
+
+Concurrency: a bracket must hold every trial before it halves, so all of the search's trials exist from the start, and
+Tune's own limit (the search algorithm's) counts a paused trial as running. :class:`TrialSlots` limits instead: a
+trial's driver takes a slot before its worker group starts and gives it back before the report that may pause it.
 
 A paused trial is stopped at the stage boundary and started again from its last report's checkpoint
 (:mod:`tuning.trial`): nothing is trained twice.
@@ -24,20 +26,24 @@ halved at once.
 
 from __future__ import annotations
 
+import asyncio
 import math
+import time
+from pathlib import Path
 
+import ray
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import HyperBandScheduler
 from ray.tune.schedulers.hyperband import _Bracket
 
 
 class StageHalving(HyperBandScheduler):
-    def __init__(self, *, trials: int, stages: int, grace_period: int, reduction_factor: float, max_running: int):
+    def __init__(self, *, trials: int, stages: int, grace_period: int, reduction_factor: float):
         if not 0 < grace_period <= stages:
             raise ValueError(f"grace_period must be 1..{stages} (the stream's stages), got {grace_period}")
         super().__init__(time_attr="stage", max_t=stages, reduction_factor=reduction_factor)
         self._s_max_1 = 1  # a band holds one bracket; the bracket holds every trial
-        self._trials, self._grace, self._max_running = trials, grace_period, max_running
+        self._trials, self._grace = trials, grace_period
         self._restored = False
 
     def on_trial_add(self, tune_controller, trial: Trial) -> None:
@@ -65,8 +71,7 @@ class StageHalving(HyperBandScheduler):
 
     def choose_trial_to_run(self, tune_controller) -> Trial | None:
         self._realign(tune_controller)
-        running = sum(t.status == Trial.RUNNING for t in tune_controller.get_trials())
-        return None if running >= self._max_running else super().choose_trial_to_run(tune_controller)
+        return super().choose_trial_to_run(tune_controller)
 
     def _realign(self, tune_controller) -> None:
         """After a restore: the bracket's rung from its trials' last results, the waiting trials paused again."""
@@ -117,3 +122,50 @@ def halving_cost(trials: int, stages: int, grace_period: int, reduction_factor: 
         n = math.ceil(n / reduction_factor)
         work += n
     return work
+
+
+@ray.remote(num_cpus=0)
+class _Slots:
+    def __init__(self, n: int):
+        self.free = asyncio.Semaphore(n)
+
+    async def acquire(self) -> None:
+        await self.free.acquire()
+
+    def release(self) -> None:
+        self.free.release()
+
+
+def start_slots(name: str, n: int):
+    """The search's slots (a named actor the trials find); the search's driver holds the handle for its lifetime."""
+    return _Slots.options(name=name).remote(n)
+
+
+class TrialSlots:
+    """A trial driver's slot while its worker group runs: ``with slots:`` waits for one; ``release()`` (before the
+    report that may pause the trial, and on the way out) gives it back. ``name=None``: no limit (ASHA, random, grid,
+    whose trials never pause: Tune's own limit holds). Each take and give is a line in ``log`` (trial, event, time)."""
+
+    def __init__(self, name: str | None, trial_id: str, log: Path):
+        self.actor = ray.get_actor(name) if name else None
+        self.trial_id, self.log, self.held = trial_id, log, False
+
+    def __enter__(self) -> TrialSlots:
+        if self.actor is not None:
+            ray.get(self.actor.acquire.remote())
+            self.held = True
+            self._note("take")
+        return self
+
+    def release(self) -> None:
+        if self.held:
+            self._note("give")
+            ray.get(self.actor.release.remote())
+            self.held = False
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def _note(self, event: str) -> None:
+        with open(self.log, "a", encoding="utf-8") as f:
+            f.write(f"{self.trial_id} {event} {time.time():.3f}\n")

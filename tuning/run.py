@@ -20,10 +20,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipelines.spec import SpecError, load_stream
+from tuning.halving import start_slots
 from tuning.search import check_space, load_search
 from tuning.trial import run_trial
 
@@ -90,6 +92,8 @@ def start_ray(num_cpus: int | None = None, env_vars: dict[str, str] | None = Non
 
 
 def tune_stream(stream_path, search_path, *, out_dir=None, resume: bool = False, echo=print) -> TuneOutcome:
+    import ray
+
     from pipelines.data import prepare_stream
     from pipelines.demo_model import resolve_model
     from pipelines.sequence import init_ray
@@ -109,6 +113,9 @@ def tune_stream(stream_path, search_path, *, out_dir=None, resume: bool = False,
     # Tune saves the search's state every 10 s or more by default; a driver killed in between reruns the trials that
     # finished meanwhile. Stage-long trials make a save a second cheap (a user's value wins).
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
+    # Keeping one checkpoint a trial makes Tune save the search's state after every stage report, which is what a
+    # resume needs; Tune warns about it whenever two stages end within 5 s of each other.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     start_ray()
     init_ray()
     val_stream, notes = validation_stream(stream, out, search.holdout_fraction, search.seed)
@@ -117,9 +124,12 @@ def tune_stream(stream_path, search_path, *, out_dir=None, resume: bool = False,
     # every task tokenized once, here; the trials find it in the shared cache
     prepare_stream(val_stream, resolve_model(stream.model), out, cache_dir=out / "cache", eval_split="validation")
     parent = lineage.open_search(stream, search, out, resume=resume)
-    tuner = _tuner(stream, val_stream, search, out, parent, resume)
+    slots, slots_actor = _slots(stream, search)
+    tuner = _tuner(stream, val_stream, search, out, parent, resume, slots)
     with lineage.tracking_uri_kept():
         results = tuner.fit()
+    if slots_actor is not None:
+        ray.kill(slots_actor)
     outcome = TuneOutcome(out, _trials(results, len(stream.tasks)), None, notes, parent)
     outcome.best = max(
         (t for t in outcome.trials if t["stages"] == len(stream.tasks)), key=lambda t: t["objective"], default=None
@@ -129,7 +139,18 @@ def tune_stream(stream_path, search_path, *, out_dir=None, resume: bool = False,
     return outcome
 
 
-def _tuner(stream, val_stream, search, out: Path, parent_run_id: str, resume: bool):
+def _slots(stream, search):
+    """A halving search's trials all exist from the start: its slots (name, actor) keep to the concurrency
+    (:mod:`tuning.halving`). Other searches: (None, None), Tune's own limit holds."""
+    import ray
+
+    if search.scheduler.kind != "halving":
+        return None, None
+    name = f"gorp-tune-slots-{uuid.uuid4().hex[:8]}"
+    return name, start_slots(name, concurrent_trials(stream, ray.cluster_resources(), search.concurrency))
+
+
+def _tuner(stream, val_stream, search, out: Path, parent_run_id: str, resume: bool, slots: str | None):
     import ray
     from ray import tune
     from ray.tune.search.basic_variant import BasicVariantGenerator
@@ -137,6 +158,8 @@ def _tuner(stream, val_stream, search, out: Path, parent_run_id: str, resume: bo
     from tuning.lineage import trial_runs_callback
 
     n_stages = len(stream.tasks)
+    running = concurrent_trials(stream, ray.cluster_resources(), search.concurrency)
+    halving = search.scheduler.kind == "halving"
     trainable = tune.with_resources(
         tune.with_parameters(
             run_trial,
@@ -144,13 +167,12 @@ def _tuner(stream, val_stream, search, out: Path, parent_run_id: str, resume: bo
             search_dir=str(out),
             objective=search.objective,
             rungs=search.scheduler.rungs(n_stages),
+            slots=slots,
         ),
         driver_resources(stream, ray.cluster_resources()),
     )
     if resume:
         return tune.Tuner.restore(str(out / EXPERIMENT), trainable, resume_unfinished=True, resume_errored=True)
-    running = concurrent_trials(stream, ray.cluster_resources(), search.concurrency)
-    halving = search.scheduler.kind == "halving"
     mlflow_cb = trial_runs_callback(stream, parent_run_id, search.name)
     return tune.Tuner(
         trainable,
@@ -158,9 +180,9 @@ def _tuner(stream, val_stream, search, out: Path, parent_run_id: str, resume: bo
         tune_config=tune.TuneConfig(
             metric="objective",
             mode="max",
-            scheduler=_scheduler(search, n_stages, running),
+            scheduler=_scheduler(search, n_stages),
             # The generator takes the limit itself (TuneConfig's max_concurrent_trials is ignored with a generator).
-            # Halving needs every trial in its bracket (a paused trial counts as live here): its scheduler limits.
+            # Halving needs every trial in its bracket (a paused trial counts as live here): its slots limit.
             search_alg=BasicVariantGenerator(random_state=search.seed, max_concurrent=0 if halving else running),
             num_samples=search.samples(),
         ),
@@ -174,7 +196,7 @@ def _tuner(stream, val_stream, search, out: Path, parent_run_id: str, resume: bo
     )
 
 
-def _scheduler(search, n_stages: int, running: int):
+def _scheduler(search, n_stages: int):
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     from tuning.halving import StageHalving
@@ -190,7 +212,6 @@ def _scheduler(search, n_stages: int, running: int):
             stages=n_stages,
             grace_period=sc.grace_period,
             reduction_factor=sc.reduction_factor,
-            max_running=running,
         )
     return FIFOScheduler()
 

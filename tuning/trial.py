@@ -27,6 +27,7 @@ from pipelines.results import StageResult
 from pipelines.sequence import Callback
 
 STARTS = "trial_starts.log"  # "<trial id> <unix time>" per trial start (a resumed or unpaused trial adds a line)
+SLOTS = "trial_slots.log"  # "<trial id> take|give <unix time>": a halving search's worker groups (tuning.halving)
 HISTORY = "history.json"  # in a trial's Tune checkpoint: the results of its completed stages
 
 
@@ -34,8 +35,9 @@ class StageReporter(Callback):
     """Reports AA, BWT, forgetting over the tasks seen so far, each seen task's accuracy, the objective and the stage
     (1-based) to Tune when a stage ends."""
 
-    def __init__(self, objective):
+    def __init__(self, objective, before_last_report=None):
         self.objective, self.stages, self.cache_hit = objective, [], 0.0
+        self.before_last_report = before_last_report  # called before the report of the plan's last stage
 
     def on_start(self, plan) -> None:
         self.cache_hit = float(all(p.split.cache_hit for p in plan.prepared))
@@ -44,6 +46,8 @@ class StageReporter(Callback):
         import ray.tune
 
         self.stages.append(result)
+        if self.before_last_report is not None and result.stage + 1 == len(plan.tasks):
+            self.before_last_report()
         seq = plan.result(self.stages)
         with tempfile.TemporaryDirectory(prefix="gorp-trial-") as folder:  # Tune copies it into the trial's storage
             Path(folder, HISTORY).write_text(json.dumps([dataclasses.asdict(s) for s in seq.stages]))
@@ -78,14 +82,22 @@ def stage_metrics(seq, objective) -> dict[str, float]:
 
 
 def run_trial(
-    config: dict[str, Any], *, stream_data: dict, search_dir: str, objective, rungs: list[int] | None = None
+    config: dict[str, Any],
+    *,
+    stream_data: dict,
+    search_dir: str,
+    objective,
+    rungs: list[int] | None = None,
+    slots: str | None = None,
 ) -> None:
     """The Tune function: the stream with this trial's method and method_args, every stage after the ones it already
-    reported, scored on validation; its worker group ends at each of ``rungs`` (stage counts)."""
+    reported, scored on validation; its worker group ends at each of ``rungs`` (stage counts), and runs only while
+    the trial holds one of the search's ``slots`` (a named actor; None: no limit here)."""
     import ray.tune
 
     from pipelines.sequence import run_sequence
     from pipelines.spec import parse_stream
+    from tuning.halving import TrialSlots
 
     trial_id = ray.tune.get_context().get_trial_id()
     root = Path(search_dir)
@@ -99,12 +111,13 @@ def run_trial(
     history = reported_history()
     for end in chunk_ends(len(stream.tasks), len(history), rungs):
         part = stream.model_copy(update={"tasks": stream.tasks[:end]})  # the same sequence (its id omits the tasks)
-        history = run_sequence(
-            part,
-            history=history,
-            callbacks=[StageReporter(objective)],
-            storage=str(trial_dir),
-            run_dir=trial_dir,
-            cache_dir=root / "cache",
-            eval_split="validation",
-        ).stages
+        with TrialSlots(slots, trial_id, root / SLOTS) as slot:
+            history = run_sequence(
+                part,
+                history=history,
+                callbacks=[StageReporter(objective, before_last_report=slot.release)],  # the report may pause it
+                storage=str(trial_dir),
+                run_dir=trial_dir,
+                cache_dir=root / "cache",
+                eval_split="validation",
+            ).stages
