@@ -91,7 +91,7 @@ def main() -> None:
     parser.add_argument("--schedulers", default="grid,halving:3,asha:2", help="kind[:rate], comma-separated; grid too")
     parser.add_argument("--json", default=None)
     parser.add_argument(
-        "--reference", default=None, help="the exhaustive search's row (a JSON line this script printed) instead of grid"
+        "--reference", default=None, help="an exhaustive search row (a JSON line printed here), not grid"
     )
     args = parser.parse_args()
     out = Path(tempfile.mkdtemp(prefix="tune_efficiency-"))
