@@ -59,10 +59,11 @@ class FakeController:
         return any(t.status != Trial.TERMINATED for t in self.trials)
 
 
-def _search(qualities, stages=3, grace=1, rate=3):
+def _search(qualities, stages=3, grace=1, rate=3, restored=None):
+    """A fresh scheduler given every trial (new ones, or ``restored``: what Tuner.restore hands it)."""
     scheduler = StageHalving(trials=len(qualities), stages=stages, grace_period=grace, reduction_factor=rate)
     scheduler.set_search_properties("objective", "max")
-    trials = [FakeTrial(i, q) for i, q in enumerate(qualities)]
+    trials = restored or [FakeTrial(i, q) for i, q in enumerate(qualities)]
     ctl = FakeController(scheduler, trials)
     for t in trials:
         scheduler.on_trial_add(ctl, t)
@@ -70,6 +71,12 @@ def _search(qualities, stages=3, grace=1, rate=3):
 
 
 QUALITIES = [0.3, 0.9, 0.1, 0.5, 0.8, 0.2, 0.7, 0.4]
+# rate 3: the best three of stage 1 (t1 0.9, t4 0.8, t6 0.7) train stage 2, the best of those stage 3
+STAGES_AT_RATE_3 = {"t0": 1, "t1": 3, "t2": 1, "t3": 1, "t4": 2, "t5": 1, "t6": 2, "t7": 1}
+
+
+def _each_stage_once(trials) -> bool:
+    return all(t.trained == list(range(1, len(t.trained) + 1)) for t in trials)
 
 
 def test_eight_trials_over_three_stages_at_rate_three_spend_twelve_stage_trainings():
@@ -77,18 +84,7 @@ def test_eight_trials_over_three_stages_at_rate_three_spend_twelve_stage_trainin
     while ctl.step(3):
         pass
     assert sum(len(t.trained) for t in trials) == 12 == halving_cost(8, 3, 1, 3)
-    # the best three of stage 1 go on to stage 2, the best of those to stage 3; no stage is trained twice
-    assert {t.trial_id: len(t.trained) for t in trials} == {
-        "t0": 1,
-        "t1": 3,
-        "t2": 1,
-        "t3": 1,
-        "t4": 2,
-        "t5": 1,
-        "t6": 2,
-        "t7": 1,
-    }
-    assert all(t.trained == list(range(1, len(t.trained) + 1)) for t in trials)
+    assert {t.trial_id: len(t.trained) for t in trials} == STAGES_AT_RATE_3 and _each_stage_once(trials)
 
 
 def test_no_trial_passes_a_rung_before_every_trial_has_reached_it():
@@ -111,24 +107,10 @@ def test_a_restored_search_goes_on_from_the_rung_it_had_reached(stop_after_steps
     for t in trials:  # what Tuner.restore does with the trials' saved states
         if t.status != Trial.TERMINATED:
             t.status = Trial.PENDING
-    scheduler = StageHalving(trials=8, stages=3, grace_period=1, reduction_factor=3)
-    scheduler.set_search_properties("objective", "max")
-    ctl = FakeController(scheduler, trials)
-    for t in trials:
-        scheduler.on_trial_add(ctl, t)
+    _, _, ctl = _search(QUALITIES, restored=trials)
     while ctl.step(3):
         pass
-    assert {t.trial_id: len(t.trained) for t in trials} == {
-        "t0": 1,
-        "t1": 3,
-        "t2": 1,
-        "t3": 1,
-        "t4": 2,
-        "t5": 1,
-        "t6": 2,
-        "t7": 1,
-    }
-    assert all(t.trained == list(range(1, len(t.trained) + 1)) for t in trials)
+    assert {t.trial_id: len(t.trained) for t in trials} == STAGES_AT_RATE_3 and _each_stage_once(trials)
 
 
 def test_halving_cost():
