@@ -126,10 +126,12 @@ def tune_stream(stream_path, search_path, *, out_dir=None, resume: bool = False,
     parent = lineage.open_search(stream, search, out, resume=resume)
     slots, slots_actor = _slots(stream, search)
     tuner = _tuner(stream, val_stream, search, out, parent, resume, slots)
-    with lineage.tracking_uri_kept():
-        results = tuner.fit()
-    if slots_actor is not None:
-        ray.kill(slots_actor)
+    try:
+        with lineage.tracking_uri_kept():
+            results = tuner.fit()
+    finally:
+        if slots_actor is not None:
+            ray.kill(slots_actor)
     outcome = TuneOutcome(out, _trials(results, len(stream.tasks)), None, notes, parent)
     outcome.best = max(
         (t for t in outcome.trials if t["stages"] == len(stream.tasks)), key=lambda t: t["objective"], default=None
@@ -159,7 +161,7 @@ def _tuner(stream, val_stream, search, out: Path, parent_run_id: str, resume: bo
 
     n_stages = len(stream.tasks)
     running = concurrent_trials(stream, ray.cluster_resources(), search.concurrency)
-    halving = search.scheduler.kind == "halving"
+    halving = slots is not None  # a halving search: its slots limit, not the generator (see _slots)
     trainable = tune.with_resources(
         tune.with_parameters(
             run_trial,
