@@ -48,13 +48,21 @@ def parse_config(name: str) -> tuple[str, dict]:
     return method, args
 
 
+def order(caps: dict) -> str:
+    """How the seed reached the training rows (results before ``training.shuffle`` were in file order)."""
+    if caps.get("shuffle"):
+        return "the rows in a new permutation per seed, so each seed trains on another subset of each task"
+    return "the rows in file order: the seed changed only the adapters' initialization"
+
+
 def capped_stream(base: dict, method: str, args: dict, *, seed: int, steps: int, batch: int, eval_n: int, run_dir):
     from pipelines.spec import parse_stream
 
     data = {**base, "method": method, "method_args": args, "run_dir": str(run_dir)}
     data["training"] = {
         **base["training"],
-        "seed": seed,
+        "seed": seed,  # the adapters' initialization and the order (hence the subset) of each task's training rows
+        "shuffle": True,
         "max_steps": steps,
         "batch_size": batch,
         "max_eval_examples": eval_n,
@@ -102,7 +110,7 @@ def run_pair(base: dict, name: str, seed: int, opts, work: Path) -> dict:
         "eval_s": [s.timings.get("eval_s") for s in seq.stages],
         "final_loss": [s.losses[-1] if s.losses else None for s in seq.stages],
         "wall_s": wall,
-        "caps": {"steps": opts.steps, "batch": opts.batch, "eval": opts.eval},
+        "caps": {"steps": opts.steps, "batch": opts.batch, "eval": opts.eval, "shuffle": True},
         "machine": machine(),
         "load_before": load_before,
         "load_after": os.getloadavg()[0],
@@ -247,8 +255,8 @@ def report(out: Path, docs: Path, command: str) -> str:
             f"`{command}`",
             "",
             f"{any_rec['machine']}; load average {min(loads):.1f}-{max(loads):.1f} during the runs; "
-            f"each stage {caps['steps']} steps of {caps['batch']} examples; the first {caps['eval']} test examples "
-            f"of each task; AA/BWT/FWT/forgetting in points (mean ± std over seeds).",
+            f"each stage {caps['steps']} steps of {caps['batch']} examples ({order(caps)}); the first {caps['eval']} "
+            f"test examples of each task; AA/BWT/FWT/forgetting in points (mean ± std over seeds).",
             "",
             summary_table(by_config),
             "",

@@ -177,6 +177,7 @@ def _worker_config(plan: SequencePlan, eval_sets: dict, base_uri: str, channel, 
                 "out_uri": plan.stage_uris[t],
                 "steps": plan.steps[t],
                 "pad_token_id": plan.prepared[t].split.pad_token_id,
+                "train_rows": plan.prepared[t].n_train,
                 "eval_tasks": names[: t + 2],  # every task seen so far, and the next one (forward transfer)
                 "zero_shot_tasks": names if t == 0 else [],
                 "data_digests": plan.prepared[t].digests,

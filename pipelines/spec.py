@@ -119,7 +119,8 @@ class Training(_Strict):
     grad_clip: float | None = Field(1.0, gt=0)  # max gradient norm; null: no clipping
     checkpoint_every: int = Field(0, ge=0)  # optimizer steps between checkpoints; 0: only at the end of a stage
     max_failures: int = Field(0, ge=0)  # worker-group restarts from the last checkpoint (Ray FailureConfig)
-    seed: int = 0
+    seed: int = 0  # adapter initialization, and the order of the training rows
+    shuffle: bool = True  # each epoch visits a task's rows in a new permutation drawn from (seed, stage, epoch)
     # bf16: matmuls in bfloat16 over float32 master weights (FSDP2 MixedPrecisionPolicy with float32 gradient
     # reduction; autocast on one worker); projections, task memory and Adam's moments stay float32 (gorp.precision)
     precision: Literal["fp32", "bf16"] = "fp32"

@@ -11,9 +11,11 @@ What the driver learns, it learns through Ray, never through a shared disk: rank
 after every step and ``("stage", result)`` after every stage into a Ray queue (``config["channel"]``). Mid-stage
 checkpoints go through ``ray.train.report`` with ``kind: "checkpoint"``; the end of a stage reports ``kind: "stage"``.
 
-Data: every worker iterates the *whole* training dataset in the same seeded order and keeps its slice of each global
-batch. So every rank runs the same number of steps, and the global batches (hence the loss curve) are the same for any
-number of workers.
+Data: every worker iterates the *whole* training dataset in the same order and keeps its slice of each global batch. So
+every rank runs the same number of steps, and the global batches (hence the loss curve) are the same for any number of
+workers. With ``training.shuffle`` (the default) that order is a fresh permutation of the task's rows every epoch, drawn
+from ``(training.seed, stage, epoch)`` (Ray Data's local shuffle over a buffer that holds the whole task): the same on
+every rank and on a resumed worker, different for another seed.
 """
 
 from __future__ import annotations
@@ -44,14 +46,29 @@ def _local_slice(batch: dict[str, torch.Tensor], rank: int, world: int) -> dict[
     return {k: v[rank * per : (rank + 1) * per] for k, v in batch.items()}
 
 
-def global_batches(dataset, batch_size: int, steps: int, pad_token_id: int):
-    """``steps`` global batches (dicts of (B, L) tensors), cycling over epochs; the same sequence on every rank."""
+def epoch_seed(seed: int, stage: int, epoch: int) -> int:
+    """The shuffle seed of one epoch of one stage: a function of the three alone, so every rank and a resumed worker
+    draw the same permutation."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{stage}:{epoch}".encode()).digest()[:4], "little")
+
+
+def global_batches(
+    dataset, batch_size: int, steps: int, pad_token_id: int, shuffle: tuple[int, int, int] | None = None
+):
+    """``steps`` global batches (dicts of (B, L) tensors), cycling over epochs; the same sequence on every rank.
+
+    ``shuffle``: ``(seed, stage, num_rows)`` to visit the rows in a seeded permutation, a new one each epoch (a local
+    shuffle buffer of ``num_rows`` rows holds the whole task, so the permutation is uniform); None: the file's order."""
     from pipelines.feeding import PadCollate
 
-    produced = 0
+    produced, epoch = 0, 0
     while True:
+        order = {}
+        if shuffle is not None:
+            seed, stage, num_rows = shuffle
+            order = {"local_shuffle_buffer_size": num_rows, "local_shuffle_seed": epoch_seed(seed, stage, epoch)}
         for batch in dataset.iter_torch_batches(
-            batch_size=batch_size, drop_last=True, collate_fn=PadCollate(pad_token_id)
+            batch_size=batch_size, drop_last=True, collate_fn=PadCollate(pad_token_id), **order
         ):
             yield batch
             produced += 1
@@ -59,6 +76,14 @@ def global_batches(dataset, batch_size: int, steps: int, pad_token_id: int):
                 return
         if produced == 0:
             raise ValueError(f"the training set has fewer rows than one global batch ({batch_size})")
+        epoch += 1
+
+
+def stage_order(config: dict[str, Any]) -> tuple[int, int, int] | None:
+    """``global_batches``' shuffle for a stage's merged config: None when ``training.shuffle`` is off."""
+    if not config["training"].get("shuffle", True):
+        return None
+    return int(config["seed"]), int(config["stage"]), int(config["train_rows"])
 
 
 def weights_digest(state_dict: dict[str, torch.Tensor]) -> str:
@@ -146,7 +171,7 @@ def _train(model, method, optimizer, dataset, config: dict[str, Any], start: int
     hooks, channel = config.get("hooks"), config.get("channel")
     losses, tokens, t0 = [], 0, time.perf_counter()
     model.train()
-    for step, batch in enumerate(global_batches(dataset, batch_size, steps, pad)):
+    for step, batch in enumerate(global_batches(dataset, batch_size, steps, pad, stage_order(config))):
         if step < start:
             continue  # the same deterministic order: skip what the checkpoint already covers
         local = _local_slice(batch, rank, world)
@@ -242,7 +267,7 @@ def run_stage(
     dataset = ray.train.get_dataset_shard(st["dataset"])
 
     def first_batches():  # for methods that look at the task before training (slice)
-        for b in global_batches(dataset, batch_size, 8, pad):
+        for b in global_batches(dataset, batch_size, 8, pad, stage_order(config)):
             yield _local_slice(b, rank, world)
 
     torch.manual_seed(int(common["seed"]) + stage)  # the same initialization on every rank

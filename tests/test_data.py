@@ -236,6 +236,26 @@ def test_round_trip_and_cache_hit(ray_local, tmp_path, tok_dir, tok, monkeypatch
     assert (batches[0]["labels"][~mask] == IGNORE_INDEX).all()
 
 
+def test_training_order_is_a_seeded_permutation_per_epoch(ray_local):
+    """``training.shuffle``: every epoch visits each row once, in a permutation that (seed, stage, epoch) alone decides
+    (so every rank and a resumed worker see the same batches); another seed or stage reorders; off: the file's order."""
+    from pipelines.worker import global_batches
+
+    rows = 24
+    ds = ray.data.from_arrow(pa.table({"input_ids": [[i + 1] for i in range(rows)], "labels": [[i] for i in range(rows)]}))
+
+    def order(shuffle, steps=12):  # 2 epochs of 6 batches of 4
+        return [r for b in global_batches(ds.iterator(), 4, steps, 0, shuffle) for r in b["labels"][:, 0].tolist()]
+
+    first = order((3, 1, rows))
+    assert sorted(first[:rows]) == sorted(first[rows:]) == list(range(rows))  # each epoch is a permutation
+    assert first[:rows] != first[rows:] and first[:rows] != list(range(rows))  # a new one each epoch
+    assert order((3, 1, rows)) == first  # a function of (seed, stage, epoch) only
+    assert order((3, 1, rows), steps=3) == first[:12]  # a resumed stage skips into the same sequence
+    assert order((4, 1, rows)) != first and order((3, 2, rows)) != first
+    assert order(None) == list(range(rows)) * 2
+
+
 def test_several_splits_tokenize_in_one_job_each_with_its_own_limits(ray_local, tmp_path, tok_dir, tok, monkeypatch):
     """Three splits with other labels, limits and a skipped bad line: one Ray Data job (small files share a batch),
     and every split's rows equal an Encoder run on that file alone, in file order."""
