@@ -242,7 +242,8 @@ def test_training_order_is_a_seeded_permutation_per_epoch(ray_local):
     from pipelines.worker import global_batches
 
     rows = 24
-    ds = ray.data.from_arrow(pa.table({"input_ids": [[i + 1] for i in range(rows)], "labels": [[i] for i in range(rows)]}))
+    table = pa.table({"input_ids": [[i + 1] for i in range(rows)], "labels": [[i] for i in range(rows)]})
+    ds = ray.data.from_arrow(table)
 
     def order(shuffle, steps=12):  # 2 epochs of 6 batches of 4
         return [r for b in global_batches(ds.iterator(), 4, steps, 0, shuffle) for r in b["labels"][:, 0].tolist()]
