@@ -48,6 +48,15 @@ def parse_config(name: str) -> tuple[str, dict]:
     return method, args
 
 
+def memory_use(shapes: dict[str, list[int]]) -> dict[str, float]:
+    """What a method carried into a stage: its 2-D state tensors (GORP's bases (d, k), O-LoRA's old A rows, ...) and
+    the share of its space each fills (k / d), mean and largest over the tensors."""
+    fills = [min(s) / max(s) for s in shapes.values() if len(s) == 2 and max(s) > 0]
+    if not fills:
+        return {"tensors": 0, "mean_fill": 0.0, "max_fill": 0.0}
+    return {"tensors": len(fills), "mean_fill": sum(fills) / len(fills), "max_fill": max(fills)}
+
+
 def order(caps: dict) -> str:
     """How the seed reached the training rows (results before ``training.shuffle`` were in file order)."""
     if caps.get("shuffle"):
@@ -109,6 +118,7 @@ def run_pair(base: dict, name: str, seed: int, opts, work: Path) -> dict:
         "train_s": [s.timings.get("train_s") for s in seq.stages],
         "eval_s": [s.timings.get("eval_s") for s in seq.stages],
         "final_loss": [s.losses[-1] if s.losses else None for s in seq.stages],
+        "memory": [memory_use(s.start.get("memory") or {}) for s in seq.stages],
         "wall_s": wall,
         "caps": {"steps": opts.steps, "batch": opts.batch, "eval": opts.eval, "shuffle": True},
         "machine": machine(),
