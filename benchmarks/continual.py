@@ -204,6 +204,20 @@ def final_rows(by_config: dict[str, list[dict]]) -> str:
     return "\n".join(out)
 
 
+def memory_lines(by_config: dict[str, list[dict]]) -> str:
+    """What each configuration with a task memory carried into the last stage (mean over seeds)."""
+    out = []
+    for name, recs in by_config.items():
+        last = [r["memory"][-1] for r in recs if r.get("memory") and r["memory"][-1]["tensors"]]
+        if last:
+            mean, top = (statistics.mean(m[k] for m in last) * 100 for k in ("mean_fill", "max_fill"))
+            out.append(
+                f"- {name}: {last[0]['tensors']} state matrices carried into the last stage, each filling "
+                f"{mean:.1f}% of its space on average (largest {top:.1f}%)"
+            )
+    return "\n".join(out) or "- (no configuration here recorded its memory)"
+
+
 def plots(by_config: dict[str, list[dict]], docs: Path) -> list[Path]:
     import matplotlib
 
@@ -273,6 +287,10 @@ def report(out: Path, docs: Path, command: str) -> str:
             "Each task's accuracy right after it was learned -> after the last stage (mean over seeds):",
             "",
             final_rows(by_config),
+            "",
+            "The memory a method carried into the last stage (GORP's bases, O-LoRA's earlier A rows, ...):",
+            "",
+            memory_lines(by_config),
             "",
         ]
     )
