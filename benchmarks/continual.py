@@ -119,6 +119,7 @@ def run_pair(base: dict, name: str, seed: int, opts, work: Path) -> dict:
         "eval_s": [s.timings.get("eval_s") for s in seq.stages],
         "final_loss": [s.losses[-1] if s.losses else None for s in seq.stages],
         "memory": [memory_use(s.start.get("memory") or {}) for s in seq.stages],
+        "answers": [s.answers for s in seq.stages],
         "wall_s": wall,
         "caps": {"steps": opts.steps, "batch": opts.batch, "eval": opts.eval, "shuffle": True},
         "machine": machine(),
@@ -202,6 +203,24 @@ def final_rows(by_config: dict[str, list[dict]]) -> str:
         cells = ", ".join(f"{t} {a * 100:.0f}->{b * 100:.0f}" for t, a, b in zip(tasks, learned, final, strict=True))
         out.append(f"- {name}: {cells}")
     return "\n".join(out)
+
+
+def drops(by_config: dict[str, list[dict]], at_least: float = 0.2) -> str:
+    """Every fall of a task's accuracy by ``at_least`` or more from right after it was learned to a later stage, with
+    what the model then answered (the records that hold answers)."""
+    out = []
+    for name, recs in by_config.items():
+        for r in recs:
+            m, tasks = r["matrix"], r["tasks"]
+            for t in range(1, len(m)):
+                for i in range(t):
+                    if m[i][i] - m[t][i] >= at_least and r.get("answers"):
+                        said = ", ".join(f"{a} {c}" for a, c in r["answers"][t].get(tasks[i], {}).items())
+                        out.append(
+                            f"- {name} seed {r['seed']}: {tasks[i]} {m[i][i] * 100:.0f} -> {m[t][i] * 100:.0f} after "
+                            f"stage {t + 1} ({tasks[t]}); it answered: {said}"
+                        )
+    return "\n".join(out) or "- (none recorded)"
 
 
 def memory_lines(by_config: dict[str, list[dict]]) -> str:
@@ -291,6 +310,10 @@ def report(out: Path, docs: Path, command: str) -> str:
             "The memory a method carried into the last stage (GORP's bases, O-LoRA's earlier A rows, ...):",
             "",
             memory_lines(by_config),
+            "",
+            "Where an accuracy fell by 20 points or more after a later stage, and what the model answered then:",
+            "",
+            drops(by_config),
             "",
         ]
     )

@@ -36,6 +36,9 @@ class StageResult:
     nodes: list[str] = field(default_factory=list)  # the Ray node of each rank
     data_digests: dict[str, str] = field(default_factory=dict)  # split -> sha256 of its data file
     start: dict[str, Any] = field(default_factory=dict)  # what it started from: weights_digest, memory (shapes)
+    # task -> its most frequent answers after this stage (normalized, with counts; the rest under "(other)"): what a
+    # drop in accuracy looks like, e.g. an earlier task answered with the new task's labels
+    answers: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=1)

@@ -129,12 +129,28 @@ def _build(config: dict[str, Any], carried: Carried | None = None):
     return model, tokenizer, method
 
 
-def _evaluate(model, tokenizer, eval_sets: dict[str, dict], names: list[str], batch_size: int) -> dict[str, float]:
-    """Accuracy on each named task; examples split across ranks (on the unsharded model), counts summed."""
+def answer_counts(predictions: list[str], top: int = 5) -> dict[str, int]:
+    """The ``top`` most frequent answers (normalized as exact match compares them) and their counts, the rest summed
+    under "(other)"."""
+    from collections import Counter
+
+    from gorp.metrics import normalize_answer
+
+    counts = Counter(normalize_answer(p) for p in predictions).most_common()
+    out = dict(counts[:top])
+    rest = sum(c for _, c in counts[top:])
+    return out | {"(other)": rest} if rest else out
+
+
+def _evaluate(
+    model, tokenizer, eval_sets: dict[str, dict], names: list[str], batch_size: int
+) -> tuple[dict[str, float], dict[str, dict[str, int]]]:
+    """Accuracy on each named task, and its most frequent answers; examples split across ranks (on the unsharded
+    model), counts summed and predictions gathered."""
     from pipelines.evaluate import evaluate_task, split_for_rank
 
     rank, world = rank_and_world()
-    out = {}
+    accuracy, answers = {}, {}
     for name in names:
         es = eval_sets[name]
         res = evaluate_task(
@@ -148,10 +164,14 @@ def _evaluate(model, tokenizer, eval_sets: dict[str, dict], names: list[str], ba
             max_prompt_tokens=es.get("max_prompt_tokens"),
         )
         counts = torch.tensor([res.correct, res.n], dtype=torch.float64)
+        predictions = [res.predictions]
         if world > 1:
             dist.all_reduce(counts)
-        out[name] = float(counts[0] / counts[1]) if counts[1] else 0.0
-    return out
+            predictions = [None] * world
+            dist.all_gather_object(predictions, res.predictions)
+        accuracy[name] = float(counts[0] / counts[1]) if counts[1] else 0.0
+        answers[name] = answer_counts([p for part in predictions for p in part])
+    return accuracy, answers
 
 
 # --------------------------------------------------------------------------- training
@@ -262,7 +282,7 @@ def run_stage(
     # the plain model, before adapters and sharding: what the merged weights are loaded into at the end
     arch = {"cls": type(model), "config": model.config, "dtype": next(model.parameters()).dtype}
     t0 = time.perf_counter()
-    zero_shot = _evaluate(model, tokenizer, evals, st.get("zero_shot_tasks") or [], eval_bs)
+    zero_shot, _ = _evaluate(model, tokenizer, evals, st.get("zero_shot_tasks") or [], eval_bs)
     timings["zero_shot_s"] = time.perf_counter() - t0
     dataset = ray.train.get_dataset_shard(st["dataset"])
 
@@ -287,7 +307,7 @@ def run_stage(
     if rank == 0:
         _save_stage(merged, tokenizer, method, st["out_uri"], work_dir)
     timings["finalize_s"], t0 = time.perf_counter() - t0, time.perf_counter()
-    row = _evaluate(merged, tokenizer, evals, st["eval_tasks"], eval_bs)
+    row, answers = _evaluate(merged, tokenizer, evals, st["eval_tasks"], eval_bs)
     timings["eval_s"] = time.perf_counter() - t0
     result = StageResult(
         stage=stage,
@@ -296,6 +316,7 @@ def run_stage(
         model_uri=st["out_uri"],
         row=row,
         zero_shot=zero_shot,
+        answers=answers,
         losses=losses,
         steps=int(st["steps"]),
         resumed_from=resumed_from,

@@ -321,3 +321,11 @@ def test_input_validation(tokenizers):
         evaluate_task(model, tok, ["one"], ["alpha"], metric="rank_classification", labels=None)
     res = evaluate_task(model, tok, [], [], metric="rank_classification", labels=["alpha"])
     assert (res.n, res.accuracy, res.predictions) == (0, 0.0, [])
+
+
+def test_answer_counts_keep_the_most_frequent_normalized_answers_and_sum_the_rest():
+    from pipelines.worker import answer_counts
+
+    preds = ["Yes", "yes.", "no", "maybe", "No", "a", "b", "c", "yes"]
+    assert answer_counts(preds, top=3) == {"yes": 3, "no": 2, "maybe": 1, "(other)": 3}
+    assert answer_counts(["x", "x"]) == {"x": 2} and answer_counts([]) == {}

@@ -127,7 +127,7 @@ stream, uri = load_stream(sys.argv[1]), sys.argv[2]
 task = stream.tasks[1]
 folder = load_version("models:/tiny-stream/2", uri)
 model, tok = load_model(folder)
-row = _evaluate(model, tok, {task.name: load_eval_set(task, sys.argv[3])}, [task.name], 8)
+row, _ = _evaluate(model, tok, {task.name: load_eval_set(task, sys.argv[3])}, [task.name], 8)
 print(json.dumps({"folder": str(folder), "acc": row[task.name]}))
 """
 

@@ -97,8 +97,9 @@ def test_versions_loaded_back_reproduce_their_recorded_accuracy(reference):
     for t, ref in enumerate(["models:/tiny-stream/1", "models:/tiny-stream/2", "models:/tiny-stream/3"]):
         model, tok = load_model(load_version(ref, uri))
         seen = NAMES[: t + 1]
-        got = _evaluate(model, tok, eval_sets, seen, 8)
+        got, answers = _evaluate(model, tok, eval_sets, seen, 8)
         assert [got[n] for n in seen] == result.matrix[t][: t + 1]
+        assert answers == {n: result.stages[t].answers[n] for n in seen}  # what it answered, too
 
 
 def test_second_run_on_a_complete_sequence_does_nothing(reference):
