@@ -263,9 +263,11 @@ class Lineage:
         data: list[DataRef | tuple] = (),
         *,
         zero_shot: dict[str, float | None] | None = None,
+        answers: dict[str, dict[str, int]] | None = None,
     ) -> None:
-        """The stage's matrix row (``acc/<task>``), ``aa``/``bwt``/``fwt``/``forgetting``, the heatmap and the data
-        sources (run inputs with their digests). The summary and heatmap also go to the parent run, step = stage."""
+        """The stage's matrix row (``acc/<task>``), ``aa``/``bwt``/``fwt``/``forgetting``, the heatmap, the data
+        sources (run inputs with their digests) and each task's most frequent answers (``answers.json``). The summary
+        and heatmap also go to the parent run, step = stage."""
         run = self.client.get_run(run_id)
         stage = int(run.data.tags["gorp.stage"])
         ts = int(time.time() * 1000)
@@ -286,6 +288,8 @@ class Lineage:
                 self.client.log_artifact(parent_id, str(heatmap_png))
         if data:
             self.client.log_inputs(run_id, datasets=[_dataset_input(DataRef(*d)) for d in data])
+        if answers:
+            self.client.log_dict(run_id, answers, "answers.json")
 
     def register_stage(
         self, run_id: str, model_name: str, source: str | Path, tags: dict[str, Any] | None = None
@@ -378,7 +382,9 @@ class LineageRecorder(Callback):
         data = [DataRef(f"{names[t]}/{s}", str(p), digests[s], s) for s, p in task.sources().items()]
         zero_shot = dict(zip(names, seq.zero_shot, strict=True)) if t == 0 else None
         row = dict(zip(names, seq.matrix[-1], strict=True))
-        self.lin.log_stage_result(run_id, row, seq.summary, self.run_dir / "heatmap.png", data, zero_shot=zero_shot)
+        self.lin.log_stage_result(
+            run_id, row, seq.summary, self.run_dir / "heatmap.png", data, zero_shot=zero_shot, answers=result.answers
+        )
         tags = {"method": plan.method, "data_digest": digests["train"], "config_hash": self.identity}
         version = self.lin.register_stage(run_id, plan.stream.name, result.model_uri, tags)
         self.lin.finish_stage(run_id)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -77,7 +78,9 @@ def run_stage(lin, parent, t, folder, model, *, register=True, tmp=None):
         DataRef(f"{TASKS[t]}/train", folder.parent / "train.jsonl", f"digest{t}", "train"),
         (f"{TASKS[t]}/test", folder.parent / "test.jsonl", f"test{t}", "test"),
     ]
-    lin.log_stage_result(run, ROWS[t], summary_of(ROWS, t), None, data, zero_shot={"nouns": 0.1} if t == 0 else None)
+    answers = {task: {"yes": 3, "(other)": 1} for task in ROWS[t]}
+    zero_shot = {"nouns": 0.1} if t == 0 else None
+    lin.log_stage_result(run, ROWS[t], summary_of(ROWS, t), None, data, zero_shot=zero_shot, answers=answers)
     version = None
     if register:
         version = lin.register_stage(
@@ -135,7 +138,7 @@ def test_versions_tags_chain_and_aliases(seq, uri, folders):
     assert client.get_model_version_by_alias("wn", "latest").version == 3
 
 
-def test_runs_nested_with_metrics_and_inputs(seq, uri):
+def test_runs_nested_with_metrics_and_inputs(seq, uri, tmp_path):
     client = MlflowClient(uri, uri)
     parent = client.get_run(seq["parent"])
     assert parent.data.tags["gorp.stream"] == "wordnet" and parent.data.tags["gorp.config_hash"] == "cfg1"
@@ -150,6 +153,8 @@ def test_runs_nested_with_metrics_and_inputs(seq, uri):
         assert run.data.tags["gorp.stage"] == str(t) and run.data.tags["gorp.task"] == TASKS[t]
         assert run.data.metrics[f"acc/{TASKS[t]}"] == ROWS[t][TASKS[t]]
         assert len(client.get_metric_history(run_id, "loss")) == 10
+        answers = json.loads(Path(client.download_artifacts(run_id, "answers.json", str(tmp_path))).read_text())
+        assert answers == {task: {"yes": 3, "(other)": 1} for task in ROWS[t]}
         inputs = {(d.dataset.name, d.dataset.digest, d.tags[0].value) for d in run.inputs.dataset_inputs}
         assert inputs == {(f"{TASKS[t]}/train", f"digest{t}", "train"), (f"{TASKS[t]}/test", f"test{t}", "test")}
 
