@@ -48,10 +48,13 @@ def parse_config(name: str) -> tuple[str, dict]:
     return method, args
 
 
+SUBSPACE_STATE = ("memory/", "old_a/")  # GORP's bases (d, k), O-LoRA's earlier A rows (k, n)
+
+
 def memory_use(shapes: dict[str, list[int]]) -> dict[str, float]:
-    """What a method carried into a stage: its 2-D state tensors (GORP's bases (d, k), O-LoRA's old A rows, ...) and
-    the share of its space each fills (k / d), mean and largest over the tensors."""
-    fills = [min(s) / max(s) for s in shapes.values() if len(s) == 2 and max(s) > 0]
+    """The subspace memory a method carried into a stage (``SUBSPACE_STATE``; not a replay buffer or a continued
+    adapter): how many matrices and the share of its space each fills (k / d), mean and largest over the matrices."""
+    fills = [min(s) / max(s) for k, s in shapes.items() if k.startswith(SUBSPACE_STATE) and len(s) == 2 and max(s) > 0]
     if not fills:
         return {"tensors": 0, "mean_fill": 0.0, "max_fill": 0.0}
     return {"tensors": len(fills), "mean_fill": sum(fills) / len(fills), "max_fill": max(fills)}
@@ -120,6 +123,7 @@ def run_pair(base: dict, name: str, seed: int, opts, work: Path) -> dict:
         "final_loss": [s.losses[-1] if s.losses else None for s in seq.stages],
         "memory": [memory_use(s.start.get("memory") or {}) for s in seq.stages],
         "answers": [s.answers for s in seq.stages],
+        "method_stats": [s.method_stats for s in seq.stages],
         "wall_s": wall,
         "caps": {"steps": opts.steps, "batch": opts.batch, "eval": opts.eval, "shuffle": True},
         "machine": machine(),
@@ -227,6 +231,8 @@ def memory_lines(by_config: dict[str, list[dict]]) -> str:
     """What each configuration with a task memory carried into the last stage (mean over seeds)."""
     out = []
     for name, recs in by_config.items():
+        if recs[0]["method"] not in ("gorp", "olora"):  # older results counted every 2-D state tensor
+            continue
         last = [r["memory"][-1] for r in recs if r.get("memory") and r["memory"][-1]["tensors"]]
         if last:
             mean, top = (statistics.mean(m[k] for m in last) * 100 for k in ("mean_fill", "max_fill"))
@@ -235,6 +241,28 @@ def memory_lines(by_config: dict[str, list[dict]]) -> str:
                 f"{mean:.1f}% of its space on average (largest {top:.1f}%)"
             )
     return "\n".join(out) or "- (no configuration here recorded its memory)"
+
+
+def removal_lines(by_config: dict[str, list[dict]]) -> str:
+    """Per configuration that measured it (gorp), the share of each stage's gradient energy its task memory removed,
+    on LoRA A and on the full-rank weights (mean over the matrices and the seeds; the largest matrix in brackets)."""
+    out = []
+    for name, recs in by_config.items():
+        recs = [r for r in recs if any(r.get("method_stats") or [])]
+        if not recs:
+            continue
+        parts = []
+        for label, key in (("LoRA A", "memory_removed_lora_a"), ("full-rank", "memory_removed_full_rank")):
+            cells = []
+            for t in range(len(recs[0]["method_stats"])):
+                stats = [r["method_stats"][t] for r in recs if key in r["method_stats"][t]]
+                if stats:
+                    mean = statistics.mean(x[key] for x in stats) * 100
+                    top = max(x[f"{key}_max"] for x in stats) * 100
+                    cells.append(f"{mean:.0f}% ({top:.0f}%)")
+            parts.append(f"{label}: " + ", ".join(cells))
+        out.append(f"- {name} ({len(recs)} seeds), stage 1 to {len(recs[0]['method_stats'])}: " + "; ".join(parts))
+    return "\n".join(out) or "- (no configuration here measured it)"
 
 
 def plots(by_config: dict[str, list[dict]], docs: Path) -> list[Path]:
@@ -310,6 +338,11 @@ def report(out: Path, docs: Path, command: str) -> str:
             "The memory a method carried into the last stage (GORP's bases, O-LoRA's earlier A rows, ...):",
             "",
             memory_lines(by_config),
+            "",
+            "How much of each stage's gradient energy the task memory removed (mean over the matrices, largest in "
+            "brackets):",
+            "",
+            removal_lines(by_config),
             "",
             "Where an accuracy fell by 20 points or more after a later stage, and what the model answered then:",
             "",

@@ -16,6 +16,10 @@ optimizer works under FSDP2: each rank holds its row shard of every state tensor
 collectives in :mod:`gorp.distributed` make the result equal the single-process one.
 
 Gradient clipping happens before ``step()`` (``torch.nn.utils.clip_grad_norm_``), as in GORP.
+
+``memory_removed()`` says how much the task memory took away: per parameter with a basis, the share of its gradient's
+energy (``lora_a``: the gradient; ``projected``: the projected gradient R), summed over the steps this optimizer took,
+that lay inside the stored basis and was removed.
 """
 
 from __future__ import annotations
@@ -133,6 +137,9 @@ class ProjAdamW(Optimizer):
         super().__init__(params, {**DEFAULTS, **defaults})
         for g in self.param_groups:
             _validate_group(g)
+        # param -> float64 [energy before, energy after] the basis removal, summed over steps (this rank's shard);
+        # a diagnostic, kept out of the state dict
+        self._removal: dict[torch.Tensor, torch.Tensor] = {}
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         unknown = set(param_group) - set(DEFAULTS) - {"params", "names", "name"}
@@ -219,11 +226,11 @@ class ProjAdamW(Optimizer):
                 kind = g["kind"]
                 if kind == "projected":
                     side = choose_side(p.shape)  # DTensor.shape is the global shape
-                    self._step_projected(w, grad, st, g, group, side, seed=g["seed"] + 7919 * gi + pi)
+                    self._step_projected(p, w, grad, st, g, group, side, seed=g["seed"] + 7919 * gi + pi)
                     continue
                 grad = grad.to(torch.float32)
                 if kind == "lora_a" and "basis" in st:
-                    grad = remove_cols(grad, st["basis"])
+                    grad = self._tally(p, grad, remove_cols(grad, st["basis"]))
                 elif kind == "orthogonal" and "u_frozen" in st:
                     grad = self._confine(grad, st, group)
                 if "exp_avg" not in st:
@@ -240,13 +247,34 @@ class ProjAdamW(Optimizer):
                 w.add_(delta.to(w.dtype), alpha=-g["lr"])
         return loss
 
+    def _tally(self, p: torch.Tensor, before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
+        """Count the energy of ``before`` and of ``after`` (its part off the basis) for ``memory_removed``; returns
+        ``after``."""
+        t = self._removal.setdefault(p, torch.zeros(2, dtype=torch.float64, device=before.device))
+        t += torch.stack([before.square().sum(), after.square().sum()]).to(torch.float64)
+        return after
+
+    def memory_removed(self) -> dict[str, float]:
+        """Parameter name -> the share of its gradient energy the task memory removed, over the steps taken so far
+        (0 for a parameter without a basis). A collective under FSDP2: every rank must call it."""
+        out = {}
+        for name, p, g in self.named_params(("lora_a", "projected")):
+            t = self._removal.get(p)
+            if t is None:
+                out[name] = 0.0
+                continue
+            replicated = g["kind"] == "projected" and choose_side(p.shape) == "left"  # R (n x r) on every rank
+            t = t.clone() if replicated else all_reduce_sum(t.clone(), local_and_group(p)[1])
+            out[name] = float(1 - t[1] / t[0]) if t[0] > 0 else 0.0
+        return out
+
     @staticmethod
     def _confine(x: torch.Tensor, st: dict, group: ProcessGroup) -> torch.Tensor:
         """(I - U U^T) x (I - V V^T) for a row shard x (m_i x n)."""
         x = remove_rows(x, st["u_frozen"], group)
         return remove_cols(x, st["v_frozen"])
 
-    def _step_projected(self, w, grad, st, g, group, side: str, seed: int) -> None:
+    def _step_projected(self, p, w, grad, st, g, group, side: str, seed: int) -> None:
         kw = {"oversample": g["oversample"], "power_iters": g["power_iters"]}
         b1, b2 = g["betas"]
         if "proj" not in st:
@@ -271,7 +299,7 @@ class ProjAdamW(Optimizer):
         basis = st.get("basis")
         kept_sharded = group if side == "right" else None  # the kept axis is W's rows (sharded) only on the right side
         if basis is not None:
-            r = remove_rows(r, basis, kept_sharded)
+            r = self._tally(p, r, remove_rows(r, basis, kept_sharded))
         direction = _adam_direction(st, r, b1, b2, g["eps"])
         if basis is not None:
             direction = remove_rows(direction, basis, kept_sharded)

@@ -39,6 +39,9 @@ class StageResult:
     # task -> its most frequent answers after this stage (normalized, with counts; the rest under "(other)"): what a
     # drop in accuracy looks like, e.g. an earlier task answered with the new task's labels
     answers: dict[str, dict[str, int]] = field(default_factory=dict)
+    # what the method measured while training (ContinualMethod.task_stats), e.g. the share of gorp's gradient that its
+    # task memory removed; after a resume, over the steps since the checkpoint
+    method_stats: dict[str, float] = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=1)

@@ -317,6 +317,7 @@ def run_stage(
         row=row,
         zero_shot=zero_shot,
         answers=answers,
+        method_stats=method.task_stats(),
         losses=losses,
         steps=int(st["steps"]),
         resumed_from=resumed_from,

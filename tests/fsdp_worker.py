@@ -90,5 +90,6 @@ def train_sequence(rank: int, world: int, method_name: str) -> dict[str, torch.T
             model = method.finalize(model)
     tensors = {f"model/{k}": v.contiguous() for k, v in model.state_dict().items()}
     tensors.update({f"state/{k}": v.contiguous() for k, v in method.state_tensors().items()})
+    tensors.update({f"stats/{k}": torch.tensor(v, dtype=torch.float64) for k, v in method.task_stats().items()})
     tensors["losses"] = torch.tensor(losses)
     return tensors

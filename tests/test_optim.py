@@ -68,6 +68,36 @@ def test_projected_steps_match_reference(with_basis, proj_method):
         assert (basis.double().T @ delta).norm() / delta.norm() < 1e-6
 
 
+def test_memory_removed_is_the_share_of_gradient_energy_inside_the_basis():
+    """lora_a: the gradient's rows against S (n x k); projected (m > n, right side): the projected gradient R (m x r)
+    against S (m x k); a parameter without a basis: nothing removed."""
+    torch.manual_seed(0)
+    a, w, free = (torch.nn.Parameter(torch.randn(*s, dtype=torch.float64)) for s in ((4, 12), (16, 6), (4, 12)))
+    s_a, s_w = torch.linalg.qr(torch.randn(12, 5)).Q.double(), torch.linalg.qr(torch.randn(16, 3)).Q.double()
+    opt = ProjAdamW(
+        [
+            {"kind": "lora_a", "params": [a, free], "names": ["a", "free"]},
+            {"kind": "projected", "params": [w], "names": ["w"], "rank": 2, "update_gap": 100, "proj_method": "svd"},
+        ]
+    )
+    assert opt.set_basis({"a": s_a, "w": s_w}) == 2
+    inside = {"a": [0.0, 0.0], "w": [0.0, 0.0]}  # energy inside the basis, total energy
+    for _ in range(3):
+        for p in (a, w, free):
+            p.grad = torch.randn_like(p)
+        opt.step()
+        r = w.grad @ opt.state[w]["proj"].T.double()  # the projection is fixed (update_gap > steps)
+        for key, x in (("a", (a.grad @ s_a).square().sum()), ("w", (s_w.T @ r).square().sum())):
+            inside[key][0] += float(x)
+        inside["a"][1] += float(a.grad.square().sum())
+        inside["w"][1] += float(r.square().sum())
+    removed = opt.memory_removed()
+    assert removed["free"] == 0.0
+    for key in ("a", "w"):
+        assert removed[key] == pytest.approx(inside[key][0] / inside[key][1], rel=1e-6)
+        assert 0.05 < removed[key] < 0.95
+
+
 def test_plain_group_matches_torch_adamw():
     torch.manual_seed(1)
     a = torch.nn.Parameter(torch.randn(7, 5))

@@ -145,6 +145,13 @@ def test_library_call_records_nothing_and_matches_the_loss_curve_of_two_workers(
     one, two = result.stages[0].losses, two_workers[2].stages[0].losses
     assert len(one) == len(two) == 12
     torch.testing.assert_close(torch.tensor(one), torch.tensor(two), rtol=1e-4, atol=1e-5)
+    # the share of the gradient the task memory removed: nothing in the first stage, some later, and the same over
+    # two row-sharded workers as over one (the energies are summed over the shards)
+    stats = [s.method_stats for s in result.stages]
+    assert stats[0]["memory_removed_full_rank"] == stats[0]["memory_removed_lora_a"] == 0.0
+    assert all(0 < x[k] < 1 for x in stats[1:] for k in ("memory_removed_full_rank", "memory_removed_lora_a"))
+    for a, b in zip(stats, (s.method_stats for s in two_workers[2].stages), strict=True):
+        assert a == pytest.approx(b, rel=1e-3, abs=1e-6)
 
 
 def carry_over_checks(stages: list[StageResult]) -> list[str]:

@@ -125,6 +125,10 @@ class ContinualMethod:
             return merge_lora_state_dict(sd, self.args.lora_alpha / self.args.lora_r)
         return {strip_peft(k): v for k, v in sd.items()}
 
+    def task_stats(self) -> dict[str, float]:
+        """What the method measured while training the task that just ended (after ``end_task``); {} by default."""
+        return {}
+
     # ---------------------------------------------------------------- carried state
     def state_tensors(self) -> dict[str, torch.Tensor]:
         return {}

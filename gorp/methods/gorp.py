@@ -80,6 +80,7 @@ class Gorp(ContinualMethod):
     def __init__(self, **hparams):
         super().__init__(**hparams)
         self.memory = TaskMemory(self.args.memory_threshold, rule=self.args.memory_rule)
+        self.removed: dict[str, float] = {}  # parameter -> share of its gradient energy the memory removed (last task)
 
     def setup_task(self, model: nn.Module, task: int, *, batches: BatchSource | None = None) -> nn.Module:
         targets = self.targets(model)
@@ -154,11 +155,26 @@ class Gorp(ContinualMethod):
     def end_task(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, batches: BatchSource | None = None):
         """Fold this task's final first moments into the memory (a collective under FSDP2)."""
         if self.args.use_memory and isinstance(optimizer, ProjAdamW):
+            self.removed = optimizer.memory_removed()
             for name, p, g in optimizer.named_params(("lora_a", "projected")):
                 moment = optimizer.canonical_moment(p, g)
                 if moment is not None:
                     self.memory.update(name, moment)
         super().end_task(model, optimizer)
+
+    def task_stats(self) -> dict[str, float]:
+        """How much of the last task's gradient the memory removed: the mean and the largest share over the LoRA A
+        matrices and over the full-rank weights (``memory_removed_lora_a``, ``memory_removed_full_rank``, and
+        ``..._max``)."""
+        shares: dict[str, list[float]] = {"lora_a": [], "full_rank": []}
+        for name, share in self.removed.items():
+            shares["lora_a" if name.endswith(".lora_A") else "full_rank"].append(share)
+        out = {}
+        for label, vs in shares.items():
+            if vs:
+                out[f"memory_removed_{label}"] = sum(vs) / len(vs)
+                out[f"memory_removed_{label}_max"] = max(vs)
+        return out
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         return {f"memory/{k}": v for k, v in self.memory.bases.items()}
