@@ -264,10 +264,12 @@ class Lineage:
         *,
         zero_shot: dict[str, float | None] | None = None,
         answers: dict[str, dict[str, int]] | None = None,
+        method_stats: dict[str, float] | None = None,
     ) -> None:
-        """The stage's matrix row (``acc/<task>``), ``aa``/``bwt``/``fwt``/``forgetting``, the heatmap, the data
-        sources (run inputs with their digests) and each task's most frequent answers (``answers.json``). The summary
-        and heatmap also go to the parent run, step = stage."""
+        """The stage's matrix row (``acc/<task>``), ``aa``/``bwt``/``fwt``/``forgetting``, what the method measured
+        (``method/<name>``, e.g. the share of the gradient gorp's memory removed), the heatmap, the data sources (run
+        inputs with their digests) and each task's most frequent answers (``answers.json``). The summary and heatmap
+        also go to the parent run, step = stage."""
         run = self.client.get_run(run_id)
         stage = int(run.data.tags["gorp.stage"])
         ts = int(time.time() * 1000)
@@ -276,7 +278,10 @@ class Lineage:
             return [Metric(prefix + key(k), float(v), ts, stage) for k, v in values.items() if v is not None]
 
         own = (
-            metrics("acc/", row, metric_key) + metrics("", summary) + metrics("zero_shot/", zero_shot or {}, metric_key)
+            metrics("acc/", row, metric_key)
+            + metrics("", summary)
+            + metrics("zero_shot/", zero_shot or {}, metric_key)
+            + metrics("method/", method_stats or {})
         )
         self.client.log_batch(run_id, metrics=own, synchronous=True)
         parent_id = run.data.tags.get("mlflow.parentRunId")
@@ -383,7 +388,14 @@ class LineageRecorder(Callback):
         zero_shot = dict(zip(names, seq.zero_shot, strict=True)) if t == 0 else None
         row = dict(zip(names, seq.matrix[-1], strict=True))
         self.lin.log_stage_result(
-            run_id, row, seq.summary, self.run_dir / "heatmap.png", data, zero_shot=zero_shot, answers=result.answers
+            run_id,
+            row,
+            seq.summary,
+            self.run_dir / "heatmap.png",
+            data,
+            zero_shot=zero_shot,
+            answers=result.answers,
+            method_stats=result.method_stats,
         )
         tags = {"method": plan.method, "data_digest": digests["train"], "config_hash": self.identity}
         version = self.lin.register_stage(run_id, plan.stream.name, result.model_uri, tags)

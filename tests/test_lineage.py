@@ -80,7 +80,10 @@ def run_stage(lin, parent, t, folder, model, *, register=True, tmp=None):
     ]
     answers = {task: {"yes": 3, "(other)": 1} for task in ROWS[t]}
     zero_shot = {"nouns": 0.1} if t == 0 else None
-    lin.log_stage_result(run, ROWS[t], summary_of(ROWS, t), None, data, zero_shot=zero_shot, answers=answers)
+    stats = {"memory_removed_lora_a": 0.1 * t}
+    lin.log_stage_result(
+        run, ROWS[t], summary_of(ROWS, t), None, data, zero_shot=zero_shot, answers=answers, method_stats=stats
+    )
     version = None
     if register:
         version = lin.register_stage(
@@ -153,6 +156,7 @@ def test_runs_nested_with_metrics_and_inputs(seq, uri, tmp_path):
         assert run.data.tags["gorp.stage"] == str(t) and run.data.tags["gorp.task"] == TASKS[t]
         assert run.data.metrics[f"acc/{TASKS[t]}"] == ROWS[t][TASKS[t]]
         assert len(client.get_metric_history(run_id, "loss")) == 10
+        assert run.data.metrics["method/memory_removed_lora_a"] == pytest.approx(0.1 * t)
         answers = json.loads(Path(client.download_artifacts(run_id, "answers.json", str(tmp_path))).read_text())
         assert answers == {task: {"yes": 3, "(other)": 1} for task in ROWS[t]}
         inputs = {(d.dataset.name, d.dataset.digest, d.tags[0].value) for d in run.inputs.dataset_inputs}
