@@ -42,7 +42,7 @@ from gorp.metrics import summarize  # noqa: E402
 
 N_TASKS, KEYS, VOCAB = 3, 16, 128
 LORA = {"lr": 5e-3, "lora_dropout": 0.0, "lora_r": 32, "lora_alpha": 128.0}
-GORP = {**LORA, "full_rank_lr": 2e-3, "scale": 1.0, "update_gap": 10}
+GORP = {**LORA, "full_rank_lr": 2e-3, "scale": 1.0, "update_gap": 10, "adapter_init": "kaiming"}
 CONFIGS = {  # name: (method, hyperparameters)
     "full": ("full", {"lr": 2e-3}),
     "lora": ("lora", LORA),

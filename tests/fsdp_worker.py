@@ -37,7 +37,10 @@ def method_args(name: str) -> dict:
             "scale": 1.0,
             "lora_dropout": 0.0,
             "proj_method": "svd",
+            "adapter_init": "kaiming",
         }
+    if name == "gorp-orthogonal":  # the default init: task 2's adapters start off task 1's memory
+        return {**method_args("gorp"), "adapter_init": "orthogonal"}
     if name == "gorp-wide":  # m < n: the left projection, the memory on the input axis, weight decay kept off it
         return {**method_args("gorp"), "full_rank_targets": ["mlp.down_proj"], "weight_decay": 0.1}
     if name == "gorp-randomized":

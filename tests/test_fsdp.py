@@ -21,7 +21,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-METHODS = ["gorp", "gorp-wide", "gorp-randomized", "galore"]
+METHODS = ["gorp", "gorp-orthogonal", "gorp-wide", "gorp-randomized", "galore"]
+# Moving task 2's A off task 1's basis makes the result sensitive to that basis: perturbing the stored bases alone by
+# 1e-7, in one process, moves layer 1's q_proj by 1.6e-5 and its task-2 basis by 2.4e-5 (relative); one process and two
+# differ by 1.0e-5 and 1.5e-5. That is the problem's conditioning, not the sharding (the Kaiming run agrees to 9e-7).
+TOLERANCE = {"gorp-orthogonal": 1e-4}
 
 
 @pytest.fixture(scope="module")
@@ -60,4 +64,4 @@ def test_two_process_fsdp2_equals_single_process(method, runs):
         if k.startswith("state/memory/"):  # a basis is defined up to rotation: compare the subspaces
             a[k], b[k] = a[k] @ a[k].T, b[k] @ b[k].T
         rel = (a[k] - b[k]).norm() / a[k].norm().clamp_min(1e-12)
-        assert rel < 1e-5, f"{k}: relative difference {rel:.2e}"
+        assert rel < TOLERANCE.get(method, 1e-5), f"{k}: relative difference {rel:.2e}"

@@ -82,7 +82,7 @@ def test_rule_is_validated_and_carried_through_save_and_load(tmp_path):
         TaskMemory(rule="pca")
     with pytest.raises(ValueError, match=r"adapter_init must be one of \('kaiming', 'orthogonal'\)"):
         build_method("gorp", adapter_init="zeros")
-    assert build_method("gorp").memory.rule == "energy" and build_method("gorp").args.adapter_init == "kaiming"
+    assert build_method("gorp").memory.rule == "energy" and build_method("gorp").args.adapter_init == "orthogonal"
     fresh = build_method("gorp", memory_rule="gpm")
     fresh.memory.bases["w"] = BASIS.float()
     assert fresh.memory.update("w", mostly_inside()) == 0  # the method's memory grows by the rule it was given
