@@ -19,7 +19,7 @@ a :class:`MemoryPlan` for one worker:
 The peak is parameters + optimizer state + the larger of (activations + the gradients that appear first, the output
 embedding's) and (gradients + the optimizer step's temporaries): activations are freed as the gradients appear.
 
-The model is built on the meta device from its config (no weights are read), the method's ``setup_task`` adds its
+The model is built on the meta device from its config (no weights are read), the method's ``setup_for_plan`` adds its
 adapters there, and nothing here needs more memory than a few Python objects. Validated against the measured peak
 RSS of a few CPU steps (:mod:`gorp.memprobe`, ``tests/test_memplan.py``).
 """
@@ -88,7 +88,7 @@ def _setup(config, method: str, method_args: dict[str, Any]):
 
     m = build_method(method, **method_args)
     torch.manual_seed(0)
-    model = m.setup_task(_meta_model(config), 0)
+    model = m.setup_for_plan(_meta_model(config))
     return m, model
 
 

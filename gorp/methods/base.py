@@ -95,6 +95,11 @@ class ContinualMethod:
     def setup_task(self, model: nn.Module, task: int, *, batches: BatchSource | None = None) -> nn.Module:
         raise NotImplementedError
 
+    def setup_for_plan(self, model: nn.Module) -> nn.Module:
+        """``setup_task`` for the memory plan (:mod:`gorp.memplan`): the trainable parameters a task adds, on a model
+        on the meta device and without data; a method whose setup reads batches overrides it."""
+        return self.setup_task(model, 0)
+
     def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
         raise NotImplementedError
 

@@ -116,6 +116,11 @@ class Slice(AdamWMethod):
                 base -= (s * (b_init @ a_init)).to(base.dtype)
         return model
 
+    def setup_for_plan(self, model: nn.Module) -> nn.Module:
+        """The adapters ``setup_task`` adds (same shapes and trainable set), without the gradient initialization."""
+        freeze_all(model)
+        return add_lora(model, list(self.targets(model).lora), self.args.lora_r, self.args.lora_alpha, 0.0)
+
     def end_task(self, model: nn.Module, optimizer, *, batches: BatchSource | None = None):
         """Keep ``replay_per_task`` samples of this task (padded to a common length) for later tasks' surgery."""
         if batches is not None:
