@@ -314,7 +314,16 @@ def plots(by_config: dict[str, list[dict]], docs: Path) -> list[Path]:
     return [aa_png, matrix_png]
 
 
-def report(out: Path, docs: Path, command: str) -> str:
+def grid_command(by_config: dict[str, list[dict]], caps: dict) -> str:
+    """The command that trains every (configuration, seed) reported here (resumable: each pair once)."""
+    seeds = sorted({r["seed"] for recs in by_config.values() for r in recs})
+    return (
+        f"python benchmarks/continual.py --configs '{','.join(by_config)}' --seeds {','.join(map(str, seeds))} "
+        f"--steps {caps['steps']} --batch {caps['batch']} --eval {caps['eval']}"
+    )
+
+
+def report(out: Path, docs: Path) -> str:
     by_config = load_results(out)
     if not by_config:
         return f"no results in {out} yet"
@@ -323,7 +332,7 @@ def report(out: Path, docs: Path, command: str) -> str:
     loads = [r[k] for recs in by_config.values() for r in recs for k in ("load_before", "load_after")]
     text = "\n".join(
         [
-            f"`{command}`",
+            f"`{grid_command(by_config, caps)}`",
             "",
             f"{any_rec['machine']}; load average {min(loads):.1f}-{max(loads):.1f} during the runs; "
             f"each stage {caps['steps']} steps of {caps['batch']} examples ({order(caps)}); the first {caps['eval']} "
@@ -373,7 +382,6 @@ def main() -> None:
 
     out, docs = Path(opts.out), Path(opts.docs)
     out.mkdir(parents=True, exist_ok=True)
-    command = "python benchmarks/continual.py " + " ".join(sys.argv[1:])
     if not opts.report:
         base = load_stream(opts.stream).model_dump(mode="json")
         work = Path(opts.work or Path(os.environ.get("TMPDIR", "/tmp")) / "gorp-continual")
@@ -394,7 +402,7 @@ def main() -> None:
                 f"in {rec['wall_s']:.0f} s",
                 flush=True,
             )
-    print(report(out, docs, command))
+    print(report(out, docs))
 
 
 if __name__ == "__main__":
