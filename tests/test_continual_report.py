@@ -81,8 +81,9 @@ def test_report_table_command_and_plots(bench, tmp_path):
     assert "test machine; load average 0.5-1.5 during the runs" in text
     rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in text.splitlines() if line.startswith("| ")}
     # FWT "-": no task was scored before its stage; train s/stage: the faster seed's mean
-    assert rows["lora"][1:7] == ["2", "77.5 ± 3.5", "-40.0 ± 14.1", "-", "40.0 ± 14.1", "11"]
-    assert rows["gorp:scale=1"][1:4] == ["1", "70.0", "0.0"]
+    # AA over stages: seed 0 (100 + 75) / 2, seed 1 (100 + 80) / 2
+    assert rows["lora"][1:8] == ["2", "77.5 ± 3.5", "88.8 ± 1.8", "-40.0 ± 14.1", "-", "40.0 ± 14.1", "11"]
+    assert rows["gorp:scale=1"][1:5] == ["1", "70.0", "75.0", "0.0"]
     assert "- lora: a 100->60, b 95->95" in text
     assert "- gorp:scale=1 (1 seeds), stage 1 to 2: LoRA A: 60% (90%); full-rank: " in text
     assert "- lora seed 0: a 100 -> 50 after stage 2 (b); it answered: y 3, x 1" in text
