@@ -283,12 +283,20 @@ def plots(by_config: dict[str, list[dict]], docs: Path) -> list[Path]:
 
     docs.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(9.5, 4.2))
+    methods = list(dict.fromkeys(recs[0]["method"] for recs in by_config.values()))
+    variants: dict[str, int] = {}
     for name, recs in by_config.items():
         aa = np.array([[np.mean(r["matrix"][t][: t + 1]) for t in range(len(r["matrix"]))] for r in recs]) * 100
         x = np.arange(1, aa.shape[1] + 1)
-        style = "--" if ":" in name else "-"  # a method at its defaults: solid; a variant of one: dashed
+        method = recs[0]["method"]
+        if ":" in name:  # a variant: its method's colour, dashed, a marker of its own
+            variants[method] = variants.get(method, 0) + 1
+            style, marker = "--", "sv^D<>p"[(variants[method] - 1) % 7]
+        else:
+            style, marker = "-", "o"
+        color = plt.get_cmap("tab10")(methods.index(method) % 10)
         err = aa.std(0) if len(recs) > 1 else None
-        ax.errorbar(x, aa.mean(0), yerr=err, marker="o", capsize=3, linestyle=style, label=name)
+        ax.errorbar(x, aa.mean(0), yerr=err, marker=marker, capsize=3, linestyle=style, color=color, label=name)
     ax.set(xlabel="stage (tasks learned)", ylabel="average accuracy over tasks seen (%)", title="AA after each stage")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
