@@ -182,9 +182,16 @@ def optimizer_state(method: str, args: dict, batch: int) -> str:
         return f"? ({e.__class__.__name__})"
 
 
+def stage_aa(matrix: list[list[float | None]]) -> list[float]:
+    """AA after each stage: :func:`gorp.metrics.average_accuracy` of the matrix up to that stage."""
+    from gorp.metrics import average_accuracy
+
+    return [average_accuracy(matrix[: t + 1]) for t in range(len(matrix))]
+
+
 def aa_over_stages(matrix: list[list[float | None]]) -> float:
     """The mean of AA after each stage (average incremental accuracy): the whole stream, not only its end."""
-    return statistics.mean(statistics.mean(row[: t + 1]) for t, row in enumerate(matrix))
+    return statistics.mean(stage_aa(matrix))
 
 
 def summary_table(by_config: dict[str, list[dict]]) -> str:
@@ -286,7 +293,7 @@ def plots(by_config: dict[str, list[dict]], docs: Path) -> list[Path]:
     methods = list(dict.fromkeys(recs[0]["method"] for recs in by_config.values()))
     variants: dict[str, int] = {}
     for name, recs in by_config.items():
-        aa = np.array([[np.mean(r["matrix"][t][: t + 1]) for t in range(len(r["matrix"]))] for r in recs]) * 100
+        aa = np.array([stage_aa(r["matrix"]) for r in recs]) * 100
         x = np.arange(1, aa.shape[1] + 1)
         method = recs[0]["method"]
         if ":" in name:  # a variant: its method's colour, dashed, a marker of its own

@@ -125,7 +125,8 @@ class Slice(AdamWMethod):
     def setup_for_plan(self, model: nn.Module) -> nn.Module:
         """The adapters ``setup_task`` adds (same shapes and trainable set), without the gradient initialization."""
         freeze_all(model)
-        return add_lora(model, list(self.targets(model).lora), self.args.lora_r, self.args.lora_alpha, 0.0)
+        a = self.args
+        return add_lora(model, list(self.targets(model).lora), a.lora_r, a.lora_alpha, a.lora_dropout)
 
     def end_task(self, model: nn.Module, optimizer, *, batches: BatchSource | None = None):
         """Keep ``replay_per_task`` samples of this task (padded to a common length) for later tasks' surgery."""
