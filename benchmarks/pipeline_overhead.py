@@ -188,44 +188,8 @@ def timed_side(side: str, args) -> dict[str, float]:
     return parts
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--stream", default="examples/quickstart.yaml")
-    ap.add_argument("--steps", type=int, help="training steps per stage, both sides (default: the stream's cap)")
-    ap.add_argument("--eval", type=int, help="test examples per task, both sides (default: the stream's cap)")
-    ap.add_argument(
-        "--threads",
-        type=int,
-        help="torch threads on both sides (the stream's cpus_per_worker); fewer than the cores leaves Ray's own "
-        "processes a core of their own",
-    )
-    ap.add_argument(
-        "--repeat", type=int, default=1, help="pairs of runs, the order alternating (plain first in even pairs)"
-    )
-    ap.add_argument("--json", type=Path)
-    ap.add_argument("--side", choices=("pipeline", "plain"), help=argparse.SUPPRESS)  # a child process
-    ap.add_argument("--out", help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    if args.side:
-        one_side(args)
-        return
-
-    import statistics
-
-    from rich.console import Console
-    from rich.table import Table
-
-    from pipelines.demo_model import resolve_model
-    from pipelines.spec import load_stream
-
-    console = Console(width=130)
-    stream = load_stream(args.stream)
-    args.steps = stream.training.max_steps if args.steps is None else args.steps
-    args.eval = stream.training.max_eval_examples if args.eval is None else args.eval
-    if args.steps is None or args.eval is None:
-        ap.error("the stream caps neither steps nor test examples: give --steps and --eval")
-    resolve_model(stream.model, console=console)  # prepared before anything is timed
-
+def run_pairs(args, console) -> list[dict]:
+    """``--repeat`` pairs of fresh-process runs, the order alternating; each pair's parts and its ratio."""
     pairs = []
     for i in range(args.repeat):
         pair: dict = {}
@@ -238,6 +202,14 @@ def main() -> None:
             f"{pair['plain']['total_s']:.1f} s: {pair['ratio']:.3f}x"
         )
         pairs.append(pair)
+    return pairs
+
+
+def print_summary(console, stream, args, pairs: list[dict]) -> None:
+    """The medians of each part, training by stage, the pipeline / plain ratio; ``--json`` writes the pairs."""
+    import statistics
+
+    from rich.table import Table
 
     def med(side: str, key: str) -> float | None:
         values = [p[side][key] for p in pairs if key in p[side]]
@@ -269,6 +241,45 @@ def main() -> None:
     console.print(f"pipeline / plain loop: {ratio:.3f}x{spread} (target <= 1.15x)")
     if args.json:
         args.json.write_text(json.dumps({"pairs": pairs, "ratio": ratio, "ratios": ratios}, indent=1))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--stream", default="examples/quickstart.yaml")
+    ap.add_argument("--steps", type=int, help="training steps per stage, both sides (default: the stream's cap)")
+    ap.add_argument("--eval", type=int, help="test examples per task, both sides (default: the stream's cap)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        help="torch threads on both sides (the stream's cpus_per_worker); fewer than the cores leaves Ray's own "
+        "processes a core of their own",
+    )
+    ap.add_argument(
+        "--repeat", type=int, default=1, help="pairs of runs, the order alternating (plain first in even pairs)"
+    )
+    ap.add_argument("--json", type=Path)
+    ap.add_argument("--side", choices=("pipeline", "plain"), help=argparse.SUPPRESS)  # a child process
+    ap.add_argument("--out", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.side:
+        one_side(args)
+        return
+
+    from rich.console import Console
+
+    from pipelines.demo_model import resolve_model
+    from pipelines.spec import load_stream
+
+    console = Console(width=130)
+    stream = load_stream(args.stream)
+    args.steps = stream.training.max_steps if args.steps is None else args.steps
+    args.eval = stream.training.max_eval_examples if args.eval is None else args.eval
+    if args.steps is None or args.eval is None:
+        ap.error("the stream caps neither steps nor test examples: give --steps and --eval")
+    resolve_model(stream.model, console=console)  # prepared before anything is timed
+
+    pairs = run_pairs(args, console)
+    print_summary(console, stream, args, pairs)
 
 
 if __name__ == "__main__":
